@@ -159,7 +159,7 @@ def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(repr(u) for u in unknown)}; expected some of: {', '.join(sorted(fields))}"
+            f"{where.rstrip(': ') if where.endswith(': ') else where}: unknown key(s) {', '.join(repr(u) for u in unknown)}; expected some of: {', '.join(sorted(fields))}"
         )
     kwargs = {}
     for name, field in fields.items():
