@@ -1,0 +1,659 @@
+//! crl-core: exact top-k search of queries against one or several banks.
+//!
+//! This crate holds the whole search (no Python types), so that `cargo test --release` from the
+//! repository root exercises it without libpython. The Python bindings live in `rust/src/lib.rs`.
+//!
+//! # Algorithm
+//!
+//! The search is a GEMM `bank[N, d] x queries[Q, d]^T` fused with a per-query top-k. Queries are
+//! packed once per call into *panels* of `L` queries laid out `[k][L]` (the vector lanes hold
+//! queries). The bank is never copied as a whole: each task walks a chunk of bank rows in
+//! micro-blocks of `R` rows, copies one micro-block into a small cache-resident buffer laid out in
+//! 64-byte pieces `[k/16][R][16]` (computing the row norms in the same pass where the metric needs
+//! them), and then runs the register-blocked micro-kernel (`R` rows x `L` queries of accumulators,
+//! bank values broadcast from the buffer, query vectors loaded from the panel) for every query panel
+//! of the task while the micro-block is hot. So each bank row is read from memory once per query
+//! super-block (all queries unless they exceed [`SUPERBLOCK_BYTES`]). After each micro-kernel call
+//! the `R x L` scores are filtered (group exclusion, score window) and offered to the per-query
+//! top-k heaps inside the loop. Chunks run in parallel on a rayon pool; their heaps are merged at
+//! the end.
+//!
+//! bf16 on the AVX512-BF16 path uses `vdpbf16ps` on bf16 pairs (products are exact in fp32 and
+//! accumulate in fp32); on the other paths bf16 is widened to fp32 while packing the micro-block.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use rayon::prelude::*;
+
+mod kernels;
+mod topk;
+
+pub use topk::TopK;
+
+/// Query panels of one task are kept below this many bytes (so they stay in the last-level cache
+/// while a bank micro-block is swept against all of them).
+pub const SUPERBLOCK_BYTES: usize = 8 << 20;
+
+/// Similarity measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Metric {
+    /// Inner product, higher is better.
+    Ip,
+    /// Cosine similarity, higher is better. A zero vector has cosine 0 with everything.
+    Cosine,
+    /// Squared Euclidean distance, *lower* is better (results ascending).
+    L2,
+}
+
+impl Metric {
+    pub fn parse(s: &str) -> Option<Metric> {
+        match s.to_ascii_lowercase().as_str() {
+            "ip" | "inner_product" | "dot" => Some(Metric::Ip),
+            "cosine" | "cos" => Some(Metric::Cosine),
+            "l2" | "euclidean" | "sqeuclidean" => Some(Metric::L2),
+            _ => None,
+        }
+    }
+    /// The padding score for slots where fewer than k entries qualify.
+    pub fn worst(self) -> f32 {
+        match self {
+            Metric::L2 => f32::INFINITY,
+            _ => f32::NEG_INFINITY,
+        }
+    }
+}
+
+/// Instruction-set path of the micro-kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Simd {
+    Scalar,
+    Avx2,
+    Avx512,
+    /// AVX-512 with `vdpbf16ps` for bf16 inputs (fp32 inputs use the plain AVX-512 kernel).
+    Avx512Bf16,
+}
+
+impl Simd {
+    pub fn name(self) -> &'static str {
+        match self {
+            Simd::Scalar => "scalar",
+            Simd::Avx2 => "avx2",
+            Simd::Avx512 => "avx512",
+            Simd::Avx512Bf16 => "avx512bf16",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Simd> {
+        match s.to_ascii_lowercase().as_str() {
+            "scalar" => Some(Simd::Scalar),
+            "avx2" => Some(Simd::Avx2),
+            "avx512" => Some(Simd::Avx512),
+            "avx512bf16" | "avx512_bf16" => Some(Simd::Avx512Bf16),
+            _ => None,
+        }
+    }
+    /// The paths this CPU supports, best first.
+    pub fn supported() -> Vec<Simd> {
+        let mut v = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            let f512 = std::arch::is_x86_feature_detected!("avx512f");
+            if f512 && std::arch::is_x86_feature_detected!("avx512bf16") {
+                v.push(Simd::Avx512Bf16);
+            }
+            if f512 {
+                v.push(Simd::Avx512);
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                v.push(Simd::Avx2);
+            }
+        }
+        v.push(Simd::Scalar);
+        v
+    }
+    pub fn is_supported(self) -> bool {
+        Simd::supported().contains(&self)
+    }
+    /// The best supported path.
+    pub fn best() -> Simd {
+        Simd::supported()[0]
+    }
+}
+
+/// A borrowed matrix, row-major and contiguous: fp32, or bf16 as raw bits.
+#[derive(Clone, Copy, Debug)]
+pub enum Elems<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl Elems<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Elems::F32(s) => s.len(),
+            Elems::Bf16(s) => s.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn is_bf16(&self) -> bool {
+        matches!(self, Elems::Bf16(_))
+    }
+    #[inline]
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            Elems::F32(s) => s[i],
+            Elems::Bf16(s) => bf16_to_f32(s[i]),
+        }
+    }
+}
+
+#[inline(always)]
+pub fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// Round-to-nearest-even fp32 -> bf16 bits (NaN stays NaN).
+pub fn f32_to_bf16(x: f32) -> u16 {
+    half::bf16::from_f32(x).to_bits()
+}
+
+/// One bank with its queries.
+#[derive(Clone, Copy, Debug)]
+pub struct Job<'a> {
+    pub queries: Elems<'a>,
+    pub bank: Elems<'a>,
+    pub q: usize,
+    pub n: usize,
+    pub d: usize,
+    /// Group of each query [q]; bank rows of the same group are excluded.
+    pub query_groups: Option<&'a [i64]>,
+    /// Group of each bank row [n].
+    pub bank_groups: Option<&'a [i64]>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    pub k: usize,
+    pub metric: Metric,
+    /// Score window, in the metric's own units (squared distance for L2), inclusive.
+    pub min_score: f32,
+    pub max_score: f32,
+    pub simd: Simd,
+    /// 0 = all cores.
+    pub threads: usize,
+    pub check_finite: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            k: 10,
+            metric: Metric::Ip,
+            min_score: f32::NEG_INFINITY,
+            max_score: f32::INFINITY,
+            simd: Simd::best(),
+            threads: 0,
+            check_finite: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum SearchError {
+    /// Invalid argument: (argument name, message).
+    Invalid(&'static str, String),
+    /// NaN or Inf in an input: (argument name, bank index, row).
+    NonFinite(&'static str, usize, usize),
+    /// Finite inputs whose scores or norms overflow fp32: (bank index, bank row).
+    Overflow(usize, usize),
+}
+
+impl std::fmt::Display for SearchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SearchError::Invalid(arg, msg) => write!(f, "{arg}: {msg}"),
+            SearchError::NonFinite(arg, l, row) => {
+                write!(f, "{arg} contains NaN or Inf (bank {l}, row {row}); expected finite values")
+            }
+            SearchError::Overflow(l, row) => write!(
+                f,
+                "bank: scores against row {row} of bank {l} overflow float32 (values too large); expected finite scores"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for SearchError {}
+
+fn invalid(arg: &'static str, msg: impl Into<String>) -> SearchError {
+    SearchError::Invalid(arg, msg.into())
+}
+
+/// Default number of threads (all cores).
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// A dedicated rayon pool per thread count, created on first use and cached.
+pub fn pool(threads: usize) -> Arc<rayon::ThreadPool> {
+    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
+    let t = if threads == 0 { default_threads() } else { threads };
+    let mut m = POOLS.get_or_init(|| Mutex::new(HashMap::new())).lock().unwrap();
+    m.entry(t)
+        .or_insert_with(|| {
+            Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(t)
+                    .thread_name(|i| format!("crl-native-{i}"))
+                    .build()
+                    .expect("building the rayon thread pool"),
+            )
+        })
+        .clone()
+}
+
+/// Check argument consistency (everything but finiteness).
+pub fn validate(jobs: &[Job], opt: &Options) -> Result<(), SearchError> {
+    if opt.k < 1 {
+        return Err(invalid("k", format!("expected k >= 1, got {}", opt.k)));
+    }
+    if opt.min_score.is_nan() || opt.max_score.is_nan() {
+        return Err(invalid("min_score", "min_score and max_score must not be NaN"));
+    }
+    if opt.min_score > opt.max_score {
+        return Err(invalid(
+            "min_score",
+            format!("expected min_score <= max_score, got {} > {}", opt.min_score, opt.max_score),
+        ));
+    }
+    if !opt.simd.is_supported() {
+        return Err(invalid("simd", format!("path {:?} is not supported by this CPU", opt.simd.name())));
+    }
+    for j in jobs {
+        if j.d == 0 {
+            return Err(invalid("queries", "expected d >= 1"));
+        }
+        if j.n == 0 {
+            return Err(invalid("bank", "bank is empty (expected at least one row)"));
+        }
+        if j.queries.len() != j.q * j.d {
+            return Err(invalid("queries", "length is not q * d"));
+        }
+        if j.bank.len() != j.n * j.d {
+            return Err(invalid("bank", "length is not n * d"));
+        }
+        if j.queries.is_bf16() != j.bank.is_bf16() {
+            return Err(invalid("bank", "queries and bank must have the same element type"));
+        }
+        match (j.query_groups, j.bank_groups) {
+            (None, None) => {}
+            (Some(qg), Some(bg)) => {
+                if qg.len() != j.q {
+                    return Err(invalid("query_groups", format!("expected length {}, got {}", j.q, qg.len())));
+                }
+                if bg.len() != j.n {
+                    return Err(invalid("bank_groups", format!("expected length {}, got {}", j.n, bg.len())));
+                }
+            }
+            _ => return Err(invalid("query_groups", "query_groups and bank_groups must be given together")),
+        }
+    }
+    Ok(())
+}
+
+/// Tile geometry of a path.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Geometry {
+    /// queries per panel
+    pub lanes: usize,
+    /// bank rows per micro-block
+    pub rows: usize,
+    /// whether bf16 is consumed in pairs (vdpbf16ps) rather than widened
+    pub bf16_pairs: bool,
+}
+
+pub(crate) fn geometry(simd: Simd, bf16: bool, q: usize) -> Geometry {
+    let (lanes, rows) = match simd {
+        Simd::Scalar => (8, 4),
+        Simd::Avx2 => {
+            if q <= 8 {
+                (8, 12)
+            } else {
+                (16, 6)
+            }
+        }
+        Simd::Avx512 | Simd::Avx512Bf16 => {
+            if q <= 16 {
+                (16, 16)
+            } else {
+                (32, 12)
+            }
+        }
+    };
+    Geometry { lanes, rows, bf16_pairs: bf16 && simd == Simd::Avx512Bf16 }
+}
+
+/// Elements per 64-byte piece of the packed layouts.
+pub(crate) const PIECE_F32: usize = 16;
+pub(crate) const PIECE_BF16: usize = 32;
+
+/// Packed queries of one job.
+pub(crate) struct Packed {
+    /// fp32 panels `[panel][dp][lanes]` or bf16 pair panels `[panel][dp/2][lanes][2]`
+    pub f32: kernels::AVec<f32>,
+    pub bf16: kernels::AVec<u16>,
+    /// padded depth (multiple of the piece size)
+    pub dp: usize,
+    pub panels: usize,
+    /// per query: 1/|q| (cosine) or |q|^2 (L2), unused for Ip
+    pub qnorm: Vec<f32>,
+}
+
+fn round_up(x: usize, m: usize) -> usize {
+    x.div_ceil(m) * m
+}
+
+fn pack_queries(j: &Job, g: Geometry, metric: Metric) -> Packed {
+    let l = g.lanes;
+    let panels = j.q.div_ceil(l);
+    let mut qnorm = vec![0.0f32; j.q];
+    if metric != Metric::Ip {
+        for qi in 0..j.q {
+            let s: f64 = (0..j.d).map(|c| (j.queries.get(qi * j.d + c) as f64).powi(2)).sum();
+            qnorm[qi] = match metric {
+                Metric::Cosine => {
+                    if s > 0.0 {
+                        (1.0 / s.sqrt()) as f32
+                    } else {
+                        0.0
+                    }
+                }
+                _ => s as f32,
+            };
+        }
+    }
+    if g.bf16_pairs {
+        let dp = round_up(j.d, PIECE_BF16);
+        let Elems::Bf16(src) = j.queries else { unreachable!() };
+        let mut outv = kernels::AVec::<u16>::zeroed(panels * dp * l);
+        let out = outv.as_mut_slice();
+        for p in 0..panels {
+            let base = &mut out[p * dp * l..(p + 1) * dp * l];
+            for lane in 0..l {
+                let qi = p * l + lane;
+                if qi >= j.q {
+                    break;
+                }
+                let row = &src[qi * j.d..(qi + 1) * j.d];
+                for (c, &v) in row.iter().enumerate() {
+                    base[((c / 2) * l + lane) * 2 + (c & 1)] = v;
+                }
+            }
+        }
+        Packed { f32: kernels::AVec::zeroed(0), bf16: outv, dp, panels, qnorm }
+    } else {
+        let dp = round_up(j.d, PIECE_F32);
+        let mut outv = kernels::AVec::<f32>::zeroed(panels * dp * l);
+        let out = outv.as_mut_slice();
+        for p in 0..panels {
+            let base = &mut out[p * dp * l..(p + 1) * dp * l];
+            for lane in 0..l {
+                let qi = p * l + lane;
+                if qi >= j.q {
+                    break;
+                }
+                for c in 0..j.d {
+                    base[c * l + lane] = j.queries.get(qi * j.d + c);
+                }
+            }
+        }
+        Packed { f32: outv, bf16: kernels::AVec::zeroed(0), dp, panels, qnorm }
+    }
+}
+
+fn first_non_finite(e: Elems, d: usize) -> Option<usize> {
+    match e {
+        Elems::F32(s) => s.iter().position(|x| !x.is_finite()).map(|i| i / d),
+        Elems::Bf16(s) => s.iter().position(|&b| b & 0x7f80 == 0x7f80).map(|i| i / d),
+    }
+}
+
+fn row_is_finite(e: Elems, d: usize, row: usize) -> bool {
+    match e {
+        Elems::F32(s) => s[row * d..(row + 1) * d].iter().all(|x| x.is_finite()),
+        Elems::Bf16(s) => s[row * d..(row + 1) * d].iter().all(|&b| b & 0x7f80 != 0x7f80),
+    }
+}
+
+/// One unit of parallel work: a chunk of bank rows against a range of query panels of one job.
+#[derive(Clone, Copy, Debug)]
+struct Task {
+    job: usize,
+    r0: usize,
+    r1: usize,
+    p0: usize,
+    p1: usize,
+}
+
+struct TaskOut {
+    heaps: Vec<TopK>,
+    err: Option<SearchError>,
+}
+
+/// Search every job; results go to `scores`/`ids`, job after job, each `[q, k]` best first.
+pub fn search_many(jobs: &[Job], opt: &Options, scores: &mut [f32], ids: &mut [i64]) -> Result<(), SearchError> {
+    validate(jobs, opt)?;
+    let total: usize = jobs.iter().map(|j| j.q * opt.k).sum();
+    if scores.len() != total || ids.len() != total {
+        return Err(invalid("out", format!("expected output buffers of length {total}")));
+    }
+    let threads = if opt.threads == 0 { default_threads() } else { opt.threads };
+    let pool = pool(threads);
+    pool.install(|| search_in_pool(jobs, opt, threads, scores, ids))
+}
+
+fn search_in_pool(
+    jobs: &[Job],
+    opt: &Options,
+    threads: usize,
+    scores: &mut [f32],
+    ids: &mut [i64],
+) -> Result<(), SearchError> {
+    // 1. finiteness of queries, packing
+    if opt.check_finite {
+        for (li, j) in jobs.iter().enumerate() {
+            if let Some(row) = first_non_finite(j.queries, j.d) {
+                return Err(SearchError::NonFinite("queries", li, row));
+            }
+        }
+    }
+    let geoms: Vec<Geometry> = jobs.iter().map(|j| geometry(opt.simd, j.bank.is_bf16(), j.q)).collect();
+    let packed: Vec<Packed> = jobs
+        .par_iter()
+        .zip(geoms.par_iter())
+        .map(|(j, g)| pack_queries(j, *g, opt.metric))
+        .collect();
+
+    // 2. tasks
+    let mut tasks = Vec::new();
+    let njobs_with_q = jobs.iter().filter(|j| j.q > 0).count().max(1);
+    for (li, j) in jobs.iter().enumerate() {
+        if j.q == 0 {
+            continue;
+        }
+        let g = geoms[li];
+        let pk = &packed[li];
+        let panel_bytes = pk.dp * g.lanes * if g.bf16_pairs { 2 } else { 4 };
+        let per_sb = (SUPERBLOCK_BYTES / panel_bytes).max(1);
+        let nsb = pk.panels.div_ceil(per_sb);
+        // enough chunks for load balance, but chunks of at least a few micro-blocks
+        let want = (4 * threads).div_ceil(njobs_with_q * nsb).max(1);
+        let min_rows = g.rows * 8;
+        let mut chunk = round_up(j.n.div_ceil(want), g.rows).max(min_rows);
+        chunk = chunk.min(round_up(j.n, g.rows));
+        for s in 0..nsb {
+            let p0 = s * per_sb;
+            let p1 = ((s + 1) * per_sb).min(pk.panels);
+            let mut r0 = 0;
+            while r0 < j.n {
+                let r1 = (r0 + chunk).min(j.n);
+                tasks.push(Task { job: li, r0, r1, p0, p1 });
+                r0 = r1;
+            }
+        }
+    }
+
+    // 3. run
+    let outs: Vec<TaskOut> = tasks
+        .par_iter()
+        .map(|t| run_task(t, &jobs[t.job], &packed[t.job], geoms[t.job], opt))
+        .collect();
+    for o in &outs {
+        if let Some(e) = &o.err {
+            return Err(e.clone());
+        }
+    }
+
+    // 4. merge per (job, query)
+    let k = opt.k;
+    let total_q: usize = jobs.iter().map(|j| j.q).sum();
+    let worst = opt.metric.worst();
+    // group task outputs by job
+    let mut by_job: Vec<Vec<(usize, &TaskOut)>> = vec![Vec::new(); jobs.len()];
+    for (t, o) in tasks.iter().zip(outs.iter()) {
+        by_job[t.job].push((t.p0, o));
+    }
+    let mut rows: Vec<(usize, usize, &mut [f32], &mut [i64])> = Vec::with_capacity(total_q);
+    {
+        let mut s_rest: &mut [f32] = scores;
+        let mut i_rest: &mut [i64] = ids;
+        for (li, j) in jobs.iter().enumerate() {
+            for qi in 0..j.q {
+                let (s, sr) = s_rest.split_at_mut(k);
+                let (i, ir) = i_rest.split_at_mut(k);
+                s_rest = sr;
+                i_rest = ir;
+                rows.push((li, qi, s, i));
+            }
+        }
+    }
+    let flip = opt.metric == Metric::L2;
+    rows.par_iter_mut().for_each(|(li, qi, s, i)| {
+        let g = geoms[*li];
+        let mut cand: Vec<(f32, i64)> = Vec::new();
+        for (p0, o) in &by_job[*li] {
+            // the heaps of a task cover panels p0..p1, i.e. queries p0*lanes ..
+            let first_q = *p0 * g.lanes;
+            if *qi < first_q || *qi - first_q >= o.heaps.len() {
+                continue;
+            }
+            cand.extend(o.heaps[*qi - first_q].entries());
+        }
+        cand.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap_or(std::cmp::Ordering::Equal).then(a.1.cmp(&b.1)));
+        for slot in 0..k {
+            if slot < cand.len() {
+                s[slot] = if flip { -cand[slot].0 } else { cand[slot].0 };
+                i[slot] = cand[slot].1;
+            } else {
+                s[slot] = worst;
+                i[slot] = -1;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Per-row data of the current micro-block.
+struct Block {
+    buf_f32: kernels::AVec<f32>,
+    buf_bf16: kernels::AVec<u16>,
+    sumsq: Vec<f32>,
+}
+
+fn run_task(t: &Task, j: &Job, pk: &Packed, g: Geometry, opt: &Options) -> TaskOut {
+    let l = g.lanes;
+    let r = g.rows;
+    let q0 = t.p0 * l;
+    let q1 = (t.p1 * l).min(j.q);
+    let mut heaps: Vec<TopK> = (q0..q1).map(|_| TopK::new(opt.k)).collect();
+    let need_norm = opt.metric != Metric::Ip;
+    let mut blk = Block {
+        buf_f32: kernels::AVec::zeroed(if g.bf16_pairs { 0 } else { pk.dp * r }),
+        buf_bf16: kernels::AVec::zeroed(if g.bf16_pairs { pk.dp * r } else { 0 }),
+        sumsq: vec![0f32; r],
+    };
+    let mut out = vec![0f32; r * l];
+    // window in "goodness" space (higher is better): L2 goodness is -distance
+    let (gmin, gmax) = if opt.metric == Metric::L2 {
+        (-opt.max_score, -opt.min_score)
+    } else {
+        (opt.min_score, opt.max_score)
+    };
+    let mut rb = t.r0;
+    while rb < t.r1 {
+        let nrows = (t.r1 - rb).min(r);
+        kernels::pack_block(opt.simd, g, j, rb, nrows, pk.dp, blk.buf_f32.as_mut_slice(), blk.buf_bf16.as_mut_slice(), &mut blk.sumsq, need_norm);
+        if need_norm && opt.check_finite {
+            for rr in 0..nrows {
+                if !blk.sumsq[rr].is_finite() {
+                    let row = rb + rr;
+                    let e = if row_is_finite(j.bank, j.d, row) {
+                        SearchError::Overflow(t.job, row)
+                    } else {
+                        SearchError::NonFinite("bank", t.job, row)
+                    };
+                    return TaskOut { heaps, err: Some(e) };
+                }
+            }
+        }
+        for p in t.p0..t.p1 {
+            kernels::run_kernel(opt.simd, g, pk, p, blk.buf_f32.as_slice(), blk.buf_bf16.as_slice(), &mut out);
+            let pq0 = p * l;
+            let lanes_valid = (j.q - pq0).min(l);
+            for rr in 0..nrows {
+                let row = rb + rr;
+                let bn = blk.sumsq[rr];
+                let binv = if bn > 0.0 { 1.0 / bn.sqrt() } else { 0.0 };
+                let bg = j.bank_groups.map(|bg| bg[row]);
+                let orow = &out[rr * l..rr * l + lanes_valid];
+                for (lane, &raw) in orow.iter().enumerate() {
+                    let qi = pq0 + lane;
+                    let h = &mut heaps[qi - q0];
+                    if opt.check_finite && !raw.is_finite() {
+                        let e = if row_is_finite(j.bank, j.d, row) {
+                            SearchError::Overflow(t.job, row)
+                        } else {
+                            SearchError::NonFinite("bank", t.job, row)
+                        };
+                        return TaskOut { heaps, err: Some(e) };
+                    }
+                    let gval = match opt.metric {
+                        Metric::Ip => raw,
+                        Metric::Cosine => raw * pk.qnorm[qi] * binv,
+                        Metric::L2 => -(pk.qnorm[qi] - 2.0 * raw + bn).max(0.0),
+                    };
+                    if gval > h.threshold() && gval >= gmin && gval <= gmax {
+                        if let (Some(bgv), Some(qg)) = (bg, j.query_groups) {
+                            if qg[qi] == bgv {
+                                continue;
+                            }
+                        }
+                        h.push(gval, row as i64);
+                    }
+                }
+            }
+        }
+        rb += nrows;
+    }
+    TaskOut { heaps, err: None }
+}
+
+/// Convenience: a single job, results as vectors `[q * k]`.
+pub fn search(job: &Job, opt: &Options) -> Result<(Vec<f32>, Vec<i64>), SearchError> {
+    let mut s = vec![0f32; job.q * opt.k];
+    let mut i = vec![0i64; job.q * opt.k];
+    search_many(std::slice::from_ref(job), opt, &mut s, &mut i)?;
+    Ok((s, i))
+}

@@ -1,0 +1,235 @@
+//! The core against a naive implementation, on every SIMD path this CPU supports.
+
+use crl_core::*;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn int(&mut self, lo: i64, hi: i64) -> i64 {
+        lo + (self.next() % ((hi - lo + 1) as u64)) as i64
+    }
+    fn normal(&mut self) -> f32 {
+        // sum of uniforms, good enough
+        let mut s = 0.0f64;
+        for _ in 0..4 {
+            s += (self.next() >> 11) as f64 / (1u64 << 53) as f64;
+        }
+        ((s - 2.0) * 1.7) as f32
+    }
+}
+
+/// Naive search in f64 over the (already rounded) values; ties broken by the smaller id.
+fn naive(q: &[f32], b: &[f32], nq: usize, n: usize, d: usize, qg: Option<&[i64]>, bg: Option<&[i64]>,
+         opt: &Options) -> (Vec<f32>, Vec<i64>) {
+    let k = opt.k;
+    let mut so = vec![opt.metric.worst(); nq * k];
+    let mut io = vec![-1i64; nq * k];
+    for i in 0..nq {
+        let qi = &q[i * d..(i + 1) * d];
+        let qn: f64 = qi.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+        let mut c: Vec<(f64, i64)> = Vec::new();
+        for r in 0..n {
+            if let (Some(qg), Some(bg)) = (qg, bg) {
+                if qg[i] == bg[r] {
+                    continue;
+                }
+            }
+            let br = &b[r * d..(r + 1) * d];
+            let dot: f64 = qi.iter().zip(br).map(|(&x, &y)| x as f64 * y as f64).sum();
+            let bn: f64 = br.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+            let s = match opt.metric {
+                Metric::Ip => dot,
+                Metric::Cosine => if qn > 0.0 && bn > 0.0 { dot / (qn.sqrt() * bn.sqrt()) } else { 0.0 },
+                Metric::L2 => qi.iter().zip(br).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum(),
+            };
+            let sf = s as f32;
+            if sf < opt.min_score || sf > opt.max_score {
+                continue;
+            }
+            let g = if opt.metric == Metric::L2 { -s } else { s };
+            c.push((g, r as i64));
+        }
+        c.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap().then(a.1.cmp(&b.1)));
+        for (slot, &(g, id)) in c.iter().take(k).enumerate() {
+            so[i * k + slot] = if opt.metric == Metric::L2 { -g as f32 } else { g as f32 };
+            io[i * k + slot] = id;
+        }
+    }
+    (so, io)
+}
+
+fn to_bf16(v: &[f32]) -> (Vec<u16>, Vec<f32>) {
+    let bits: Vec<u16> = v.iter().map(|&x| f32_to_bf16(x)).collect();
+    let back = bits.iter().map(|&b| bf16_to_f32(b)).collect();
+    (bits, back)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_case(seed: u64, nq: usize, n: usize, d: usize, k: usize, metric: Metric, ints: bool, groups: bool,
+              window: Option<(f32, f32)>, bf16: bool, simd: Simd, threads: usize) {
+    let mut rng = Rng(seed * 2654435761 + 12345);
+    let gen = |rng: &mut Rng, m: usize| -> Vec<f32> {
+        (0..m).map(|_| if ints { rng.int(-3, 3) as f32 } else { rng.normal() }).collect()
+    };
+    let q = gen(&mut rng, nq * d);
+    let b = gen(&mut rng, n * d);
+    let qg: Vec<i64> = (0..nq).map(|_| rng.int(0, 4)).collect();
+    let bg: Vec<i64> = (0..n).map(|_| rng.int(0, 4)).collect();
+    let (qb, qr) = to_bf16(&q);
+    let (bb, br) = to_bf16(&b);
+    let mut opt = Options { k, metric, simd, threads, ..Default::default() };
+    if let Some((lo, hi)) = window {
+        opt.min_score = lo;
+        opt.max_score = hi;
+    }
+    let job = Job {
+        queries: if bf16 { Elems::Bf16(&qb) } else { Elems::F32(&q) },
+        bank: if bf16 { Elems::Bf16(&bb) } else { Elems::F32(&b) },
+        q: nq, n, d,
+        query_groups: if groups { Some(&qg) } else { None },
+        bank_groups: if groups { Some(&bg) } else { None },
+    };
+    let (s, i) = search(&job, &opt).unwrap();
+    let (rq, rb) = if bf16 { (&qr, &br) } else { (&q, &b) };
+    let (ns, ni) = naive(rq, rb, nq, n, d, job.query_groups, job.bank_groups, &opt);
+    let ctx = format!("seed={seed} q={nq} n={n} d={d} k={k} {metric:?} ints={ints} groups={groups} window={window:?} bf16={bf16} {simd:?}");
+    let exact = ints && metric != Metric::Cosine;
+    for x in 0..nq * k {
+        if exact {
+            assert_eq!(i[x], ni[x], "{ctx}: ids differ at {x}: {:?} vs {:?}", &i[..], &ni[..]);
+            assert_eq!(s[x], ns[x], "{ctx}: scores differ at {x}");
+        } else {
+            let tol = 1e-4 * (1.0 + ns[x].abs()) * if metric == Metric::Cosine { 1.0 } else { (d as f32).sqrt() };
+            if ns[x].is_infinite() {
+                assert_eq!(s[x], ns[x], "{ctx}: padding at {x}");
+                assert_eq!(i[x], -1, "{ctx}: padding id at {x}");
+            } else {
+                assert!((s[x] - ns[x]).abs() <= tol, "{ctx}: score {} vs {} at {x}", s[x], ns[x]);
+                assert!(i[x] >= 0, "{ctx}");
+            }
+        }
+    }
+}
+
+fn paths() -> Vec<Simd> {
+    Simd::supported()
+}
+
+#[test]
+fn exact_integer_data_all_paths() {
+    let mut seed = 1;
+    for simd in paths() {
+        for &(nq, n, d, k) in &[(1, 50, 7, 5), (3, 200, 33, 10), (17, 300, 64, 4), (40, 129, 100, 12), (5, 3, 16, 10), (33, 1000, 31, 1)] {
+            for metric in [Metric::Ip, Metric::L2] {
+                for bf16 in [false, true] {
+                    for groups in [false, true] {
+                        check_case(seed, nq, n, d, k, metric, true, groups, None, bf16, simd, 2);
+                        seed += 1;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn windows_exact() {
+    let mut seed = 1000;
+    for simd in paths() {
+        for bf16 in [false, true] {
+            check_case(seed, 9, 400, 20, 8, Metric::Ip, true, true, Some((-5.0, 6.0)), bf16, simd, 2);
+            check_case(seed + 1, 20, 400, 20, 8, Metric::L2, true, false, Some((30.0, 60.0)), bf16, simd, 1);
+            // a window nothing qualifies for: all padding
+            check_case(seed + 2, 4, 100, 12, 3, Metric::Ip, true, false, Some((1e6, 2e6)), bf16, simd, 2);
+            seed += 3;
+        }
+    }
+}
+
+#[test]
+fn float_data_all_metrics_all_paths() {
+    let mut seed = 5000;
+    for simd in paths() {
+        for &(nq, n, d, k) in &[(1, 100, 5, 3), (16, 500, 70, 10), (50, 333, 129, 7), (2, 4, 3, 9)] {
+            for metric in [Metric::Ip, Metric::Cosine, Metric::L2] {
+                for bf16 in [false, true] {
+                    check_case(seed, nq, n, d, k, metric, false, seed % 2 == 0, None, bf16, simd, 0);
+                    seed += 1;
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn cosine_window() {
+    for simd in paths() {
+        check_case(77, 8, 300, 40, 5, Metric::Cosine, false, true, Some((-0.1, 0.2)), false, simd, 2);
+    }
+}
+
+#[test]
+fn many_jobs_equal_single() {
+    let mut rng = Rng(99);
+    let d = 48;
+    let sizes = [(5usize, 300usize), (5, 10), (5, 1000)];
+    let data: Vec<(Vec<f32>, Vec<f32>)> = sizes
+        .iter()
+        .map(|&(q, n)| ((0..q * d).map(|_| rng.normal()).collect(), (0..n * d).map(|_| rng.normal()).collect()))
+        .collect();
+    let jobs: Vec<Job> = sizes
+        .iter()
+        .zip(&data)
+        .map(|(&(q, n), (qv, bv))| Job { queries: Elems::F32(qv), bank: Elems::F32(bv), q, n, d, query_groups: None, bank_groups: None })
+        .collect();
+    let opt = Options { k: 6, ..Default::default() };
+    let mut s = vec![0f32; 15 * 6];
+    let mut i = vec![0i64; 15 * 6];
+    search_many(&jobs, &opt, &mut s, &mut i).unwrap();
+    for (li, job) in jobs.iter().enumerate() {
+        let (s1, i1) = search(job, &opt).unwrap();
+        assert_eq!(&s[li * 30..(li + 1) * 30], &s1[..]);
+        assert_eq!(&i[li * 30..(li + 1) * 30], &i1[..]);
+    }
+}
+
+#[test]
+fn errors() {
+    let q = vec![1.0f32; 8];
+    let mut b = vec![1.0f32; 40];
+    let job = |q: &[f32], b: &[f32]| -> Result<(Vec<f32>, Vec<i64>), SearchError> {
+        let j = Job { queries: Elems::F32(q), bank: Elems::F32(b), q: 2, n: 10, d: 4, query_groups: None, bank_groups: None };
+        search(&j, &Options { k: 3, ..Default::default() })
+    };
+    assert!(job(&q, &b).is_ok());
+    b[17] = f32::NAN;
+    assert_eq!(job(&q, &b).unwrap_err(), SearchError::NonFinite("bank", 0, 4));
+    b[17] = f32::INFINITY;
+    assert_eq!(job(&q, &b).unwrap_err(), SearchError::NonFinite("bank", 0, 4));
+    b[17] = 1.0;
+    let mut q2 = q.clone();
+    q2[5] = f32::NEG_INFINITY;
+    assert_eq!(job(&q2, &b).unwrap_err(), SearchError::NonFinite("queries", 0, 1));
+    b[17] = 3e38;
+    b[18] = 3e38;
+    assert_eq!(job(&q, &b).unwrap_err(), SearchError::Overflow(0, 4));
+    let j = Job { queries: Elems::F32(&q), bank: Elems::F32(&b[..0]), q: 2, n: 0, d: 4, query_groups: None, bank_groups: None };
+    assert!(matches!(search(&j, &Options::default()), Err(SearchError::Invalid("bank", _))));
+    let j = Job { queries: Elems::F32(&q), bank: Elems::F32(&b), q: 2, n: 10, d: 4, query_groups: None, bank_groups: None };
+    assert!(matches!(search(&j, &Options { k: 0, ..Default::default() }), Err(SearchError::Invalid("k", _))));
+    assert!(matches!(search(&j, &Options { min_score: 2.0, max_score: 1.0, ..Default::default() }), Err(SearchError::Invalid("min_score", _))));
+}
+
+#[test]
+fn topk_heap() {
+    let mut h = TopK::new(3);
+    for (s, i) in [(1.0, 0), (5.0, 1), (3.0, 2), (5.0, 3), (0.5, 4), (4.0, 5)] {
+        h.push(s, i);
+    }
+    assert_eq!(h.sorted(), vec![(5.0, 1), (5.0, 3), (4.0, 5)]);
+}
