@@ -1,0 +1,102 @@
+"""The `crl` command line: train, merge, data build, demo, eval and bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from crl.config import ConfigError
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from crl.training.config import load_train_config
+    from crl.training.trainer import train
+
+    config = load_train_config(args.config, args.set)
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ConfigError(f"--max-steps: expected an integer >= 1, got {args.max_steps}")
+    output_dir = args.output_dir or Path("runs") / Path(args.config).stem
+    result = train(config, output_dir, resume=args.resume, max_steps=args.max_steps)
+    print(f"trained {result.steps} of {config.optim.max_steps} steps; run folder: {result.output_dir}")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from crl.training.export import merge_adapter
+
+    out = merge_adapter(args.run_dir, args.out_dir)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "mining":
+        from crl.benchmarks.mining import main as mining_main
+
+        return mining_main(args.rest)
+    raise ConfigError(f"crl bench: unknown benchmark {args.what!r}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from crl.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a LoRA adapter with CRL, Circuit Breakers or RepBend")
+    p.add_argument("config", help="TOML or YAML config (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. optim.lr=2e-4")
+    p.add_argument("--output-dir", type=Path, default=None, help="run folder (default: runs/CONFIG_NAME)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (the schedule keeps optim.max_steps)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("merge", help="merge a run's adapter into its base model")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("out_dir", type=Path)
+    p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("data", help="build training pools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    build = data_sub.add_parser("build", help="make harmful/benign/retain pools by generating with the base model")
+    from crl.data.build import add_build_arguments, run_build
+
+    add_build_arguments(build)
+    build.set_defaults(func=run_build)
+
+    p = sub.add_parser("demo", help="the offline demo: build pools with SmolLM2, train CRL on the CPU, compare")
+    from crl.demo import add_demo_arguments
+
+    add_demo_arguments(p)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("eval", help="evaluate a base model and adapters under attacks")
+    from crl.evaluation import add_eval_arguments, run_eval_cli
+
+    add_eval_arguments(p)
+    p.set_defaults(func=run_eval_cli)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    p.add_argument("what", choices=["mining"], help="which benchmark")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own arguments (see crl bench mining --help)")
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"crl: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
