@@ -514,7 +514,8 @@ def apply_lora(
 
     ``target_modules=None`` targets every linear projection of the decoder layers (q, k, v, o, gate, up,
     down for Llama). ``layers`` restricts the adapters to these decoder-layer indices (0-based module
-    indices, peft's ``layers_to_transform``).
+    indices, peft's ``layers_to_transform``). The result keeps the model's train/eval mode (eval after
+    :func:`load_model`): call ``.train()`` to activate the LoRA dropout for training.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -538,7 +539,11 @@ def apply_lora(
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    was_training = model.training
+    peft_model = get_peft_model(model, config)
+    # peft builds the wrapper and the new LoRA dropout modules in training mode; keep the model's mode
+    peft_model.train(was_training)
+    return peft_model
 
 
 # --------------------------------------------------------------------------------------------------

