@@ -1,0 +1,240 @@
+"""The report: numbers recomputed from the per-prompt records (records.jsonl) and capability.json.
+
+- report.json: per model (and method): per attack n, successes, ASR with a Wilson 95% interval,
+  verdict counts and mean budget; over-refusal (with its interval), KL, perplexity, retention and
+  harmful NLLs.
+- report.md: the same as a markdown table (rows: model and method).
+- asr.png (ASR per attack with intervals), attack_loss.png (mean loss curves of the optimisation
+  attacks), pca.png (2-D PCA of benign and harmful hidden states, base vs trained).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval for k successes out of n (95% by default); (nan, nan) for n = 0."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def load_records(output_dir: Path) -> list[dict[str, Any]]:
+    path = Path(output_dir) / "records.jsonl"
+    out = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    # last record wins per key (as in RecordStore)
+    keyed = {(r["model"], r.get("purpose", "attack"), r["attack"], r["prompt_id"]): r for r in out}
+    return list(keyed.values())
+
+
+def summarise(records: Sequence[dict[str, Any]], capability: dict[str, Any] | None = None,
+              model_order: Sequence[str] | None = None, attack_order: Sequence[str] | None = None) -> dict[str, Any]:
+    capability = capability or {}
+    by = defaultdict(list)
+    methods: dict[str, str] = {}
+    for r in records:
+        methods.setdefault(r["model"], r.get("method", "unknown"))
+        if r.get("purpose", "attack") == "attack":
+            by[(r["model"], r["attack"])].append(r)
+    models = list(model_order or []) + sorted({m for m, _ in by} - set(model_order or []))
+    models = [m for m in models if any(k[0] == m for k in by) or m in capability]
+    attacks = list(attack_order or []) + sorted({a for _, a in by} - set(attack_order or []))
+    out: dict[str, Any] = {"models": {}, "attacks": attacks}
+    for m in models:
+        entry: dict[str, Any] = {"method": methods.get(m, "none" if m == "base" else "unknown"), "attacks": {}}
+        for a in attacks:
+            recs = by.get((m, a), [])
+            if not recs:
+                continue
+            n = len(recs)
+            k = sum(1 for r in recs if r["judgement"]["success"])
+            lo, hi = wilson_interval(k, n)
+            verdicts: dict[str, int] = defaultdict(int)
+            for r in recs:
+                verdicts[r["judgement"]["verdict"]] += 1
+            budget_keys = sorted({key for r in recs for key in r.get("budget", {})})
+            budget = {key: sum(float(r["budget"].get(key, 0)) for r in recs) / n for key in budget_keys}
+            losses = [r["best_loss"] for r in recs if r.get("best_loss") is not None]
+            entry["attacks"][a] = {
+                "n": n, "successes": k, "asr": k / n, "ci95": [lo, hi], "verdicts": dict(verdicts), "mean_budget": budget,
+                "mean_best_loss": (sum(losses) / len(losses)) if losses else None,
+            }
+        cap = capability.get(m, {})
+        if "over_refusal" in cap:
+            o = dict(cap["over_refusal"])
+            o["ci95"] = list(wilson_interval(o["not_answered"], o["n"]))
+            entry["over_refusal"] = o
+        for key in ("kl", "retention", "harmful_nll", "lm_eval"):
+            if key in cap:
+                entry[key] = cap[key]
+        out["models"][m] = entry
+    return out
+
+
+def _fmt_rate(k: int, n: int) -> str:
+    lo, hi = wilson_interval(k, n)
+    return f"{k / n:.2f} ({k}/{n}; {lo:.2f}-{hi:.2f})" if n else "-"
+
+
+def _num(x: Any, fmt: str = "{:.3f}") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return fmt.format(x)
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    attacks = summary["attacks"]
+    head = ["model", "method"] + [f"ASR {a}" for a in attacks] + ["over-refusal", "KL to base", "benign ppl", "retention",
+                                                                  "NLL targets", "NLL base completions"]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + " |"]
+    for m, e in summary["models"].items():
+        row = [m, e["method"]]
+        for a in attacks:
+            x = e["attacks"].get(a)
+            row.append(_fmt_rate(x["successes"], x["n"]) if x else "-")
+        o = e.get("over_refusal")
+        row.append(_fmt_rate(o["not_answered"], o["n"]) if o else "-")
+        kl = e.get("kl", {})
+        row += [_num(kl.get("kl"), "{:.4f}"), _num(kl.get("perplexity"), "{:.2f}")]
+        ret = e.get("retention", {})
+        row.append(_num(ret.get("mean")) if "mean" in ret else "-")
+        h = e.get("harmful_nll", {})
+        row.append(_num(h.get("targets", {}).get("mean")) + (f" (n={h['targets']['n']})" if "targets" in h else ""))
+        row.append(_num(h.get("base_completions", {}).get("mean")) + (f" (n={h['base_completions']['n']})" if "base_completions" in h else ""))
+        lines.append("| " + " | ".join(row) + " |")
+    notes = [
+        "",
+        "ASR: share of prompts whose response the judge counts as compliance, with (successes/n; Wilson 95% interval).",
+        "Over-refusal: share of safe prompts not answered (a refusal, a partial refusal and an incoherent answer all count).",
+        "KL to base: mean per-token KL(base || model) on the base model's answers to benign prompts; benign ppl: the model's",
+        "perplexity on those answers; retention: cosine similarity (MiniLM) of the model's answers to the base model's.",
+        "NLL: mean per-token negative log-likelihood of harmful continuations (higher = less willing).",
+    ]
+    return "\n".join(lines + notes)
+
+
+def _plots(output_dir: Path, summary: dict[str, Any], records: Sequence[dict[str, Any]]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    written = []
+    models = list(summary["models"])
+    attacks = summary["attacks"]
+    if models and attacks:
+        fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(attacks) * max(1, len(models)) / 2 + 2), 3.6))
+        width = 0.8 / max(1, len(models))
+        for i, m in enumerate(models):
+            xs, ys, lo, hi = [], [], [], []
+            for j, a in enumerate(attacks):
+                x = summary["models"][m]["attacks"].get(a)
+                if not x:
+                    continue
+                xs.append(j + i * width)
+                ys.append(x["asr"])
+                lo.append(max(0.0, x["asr"] - x["ci95"][0]))
+                hi.append(max(0.0, x["ci95"][1] - x["asr"]))
+            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=f"{m} ({summary['models'][m]['method']})")
+        ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(attacks))])
+        ax.set_xticklabels(attacks, rotation=20, ha="right")
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("attack success rate")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(output_dir / "asr.png", dpi=120)
+        plt.close(fig)
+        written.append("asr.png")
+    curves = defaultdict(list)
+    for r in records:
+        if r.get("purpose", "attack") == "attack" and r.get("loss_curve"):
+            curves[(r["attack"], r["model"])].append(r["loss_curve"])
+    opt_attacks = sorted({a for a, _ in curves})
+    if opt_attacks:
+        fig, axes = plt.subplots(1, len(opt_attacks), figsize=(4.2 * len(opt_attacks), 3.4), squeeze=False)
+        for ax, a in zip(axes[0], opt_attacks):
+            for m in models:
+                cs = curves.get((a, m))
+                if not cs:
+                    continue
+                L = max(len(c) for c in cs)
+                # a curve that stopped early keeps its last value
+                arr = np.array([c + [c[-1]] * (L - len(c)) for c in cs], dtype=float)
+                ax.plot(arr.mean(0), label=m)
+            ax.set_title(a)
+            ax.set_xlabel("step")
+            ax.set_ylabel("target cross-entropy (mean over prompts)")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(output_dir / "attack_loss.png", dpi=120)
+        plt.close(fig)
+        written.append("attack_loss.png")
+    hs_path = output_dir / "hidden_states.npz"
+    if hs_path.is_file():
+        data = dict(np.load(hs_path))
+        keys = [k.split("|") for k in data]
+        hs_models = [m for m in models if any(k[0] == m for k in keys)] or sorted({k[0] for k in keys})
+        if "base" not in hs_models and any(k[0] == "base" for k in keys):
+            hs_models = ["base"] + hs_models
+        base_keys = [k for k in data if k.startswith("base|")]
+        if base_keys:
+            fit = np.concatenate([data[k] for k in base_keys])
+            mu = fit.mean(0)
+            _, _, vt = np.linalg.svd(fit - mu, full_matrices=False)
+            comp = vt[:2].T
+            layer = base_keys[0].split("|")[2]
+            fig, axes = plt.subplots(1, len(hs_models), figsize=(4 * len(hs_models), 3.6), squeeze=False)
+            for ax, m in zip(axes[0], hs_models):
+                for role, colour in (("benign", "tab:blue"), ("harmful", "tab:red")):
+                    k = f"{m}|{role}|{layer}"
+                    if k in data:
+                        p = (data[k] - mu) @ comp
+                        ax.scatter(p[:, 0], p[:, 1], s=12, c=colour, label=role, alpha=0.7)
+                ax.set_title(f"{m} (hidden state {layer})")
+                ax.legend(fontsize=8)
+            fig.suptitle("PCA fitted on the base model's states; mean over prompt tokens", fontsize=9)
+            fig.tight_layout()
+            fig.savefig(output_dir / "pca.png", dpi=120)
+            plt.close(fig)
+            written.append("pca.png")
+    return written
+
+
+def write_report(output_dir: Path, *, config: Any = None, plots: bool | None = None) -> dict[str, Any]:
+    output_dir = Path(output_dir)
+    records = load_records(output_dir)
+    cap_path = output_dir / "capability.json"
+    capability = json.loads(cap_path.read_text()) if cap_path.is_file() else {}
+    model_order = None
+    attack_order = None
+    if config is not None:
+        model_order = (["base"] if config.include_base else []) + list(config.adapters)
+        attack_order = [a.name for a in config.attacks]
+    summary = summarise(records, capability, model_order, attack_order)
+    do_plots = plots if plots is not None else (config.report.plots if config is not None else True)
+    summary["plots"] = _plots(output_dir, summary, records) if do_plots else []
+    (output_dir / "report.json").write_text(json.dumps(summary, indent=2, default=lambda o: None), encoding="utf-8")
+    md = "# crl evaluation\n\n" + markdown_table(summary) + "\n"
+    for p in summary["plots"]:
+        md += f"\n![{p}]({p})\n"
+    (output_dir / "report.md").write_text(md, encoding="utf-8")
+    return summary
+
+
+__all__ = ["wilson_interval", "summarise", "markdown_table", "write_report", "load_records"]

