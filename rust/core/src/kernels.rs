@@ -206,13 +206,40 @@ fn kernel_scalar(bp: &[f32], qp: &[f32], dp: usize, out: &mut [f32]) {
 mod x86 {
     use std::arch::x86_64::*;
 
+    /// Software prefetch (into L2) of the next bank micro-block, one 64-byte line per row per
+    /// step of the kernel's outer loop, so that its memory reads overlap the current tile's math.
+    #[derive(Clone, Copy)]
+    pub struct Pf {
+        pub base: *const u8,
+        pub stride: usize,
+        pub rows: usize,
+        pub bytes: usize,
+    }
+
+    impl Pf {
+        pub const NONE: Pf = Pf { base: std::ptr::null(), stride: 0, rows: 0, bytes: 0 };
+        #[inline(always)]
+        pub unsafe fn fetch(&self, kb: usize) {
+            if !self.base.is_null() {
+                // the kernel walks 64-byte pieces; a row of `bytes` has bytes/64 lines
+                let off = kb * 64;
+                if off < self.bytes {
+                    for r in 0..self.rows {
+                        _mm_prefetch::<_MM_HINT_T1>(self.base.wrapping_add(r * self.stride + off) as *const i8);
+                    }
+                }
+            }
+        }
+    }
+
     /// AVX-512 fp32: R rows x V zmm of queries.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn k512<const V: usize, const R: usize>(bp: *const f32, qp: *const f32, dp: usize, out: *mut f32) {
+    pub unsafe fn k512<const V: usize, const R: usize>(bp: *const f32, qp: *const f32, dp: usize, out: *mut f32, pf: Pf) {
         let l = 16 * V;
         let mut acc = [[_mm512_setzero_ps(); V]; R];
         let mut qv = [_mm512_setzero_ps(); V];
         for kb in 0..dp / 16 {
+            pf.fetch(kb);
             let b = bp.add(kb * R * 16);
             let q = qp.add(kb * 16 * l);
             for kk in 0..16 {
@@ -236,11 +263,12 @@ mod x86 {
 
     /// AVX-512 BF16: R rows x V zmm of queries, `vdpbf16ps` on bf16 pairs.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub unsafe fn k512bf16<const V: usize, const R: usize>(bp: *const u16, qp: *const u16, dp: usize, out: *mut f32) {
+    pub unsafe fn k512bf16<const V: usize, const R: usize>(bp: *const u16, qp: *const u16, dp: usize, out: *mut f32, pf: Pf) {
         let l = 16 * V;
         let mut acc = [[_mm512_setzero_ps(); V]; R];
         let mut qv = [_mm512_setzero_si512(); V];
         for kb in 0..dp / 32 {
+            pf.fetch(kb);
             let b = bp.add(kb * R * 32);
             let q = qp.add(kb * 16 * l * 2);
             for kk in 0..16 {
@@ -265,11 +293,12 @@ mod x86 {
 
     /// AVX2 + FMA fp32: R rows x V ymm of queries.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn k256<const V: usize, const R: usize>(bp: *const f32, qp: *const f32, dp: usize, out: *mut f32) {
+    pub unsafe fn k256<const V: usize, const R: usize>(bp: *const f32, qp: *const f32, dp: usize, out: *mut f32, pf: Pf) {
         let l = 8 * V;
         let mut acc = [[_mm256_setzero_ps(); V]; R];
         let mut qv = [_mm256_setzero_ps(); V];
         for kb in 0..dp / 16 {
+            pf.fetch(kb);
             let b = bp.add(kb * R * 16);
             let q = qp.add(kb * 16 * l);
             for kk in 0..16 {
@@ -293,19 +322,42 @@ mod x86 {
 }
 
 /// Run the micro-kernel of `simd` for query panel `p` against the packed micro-block.
-pub(crate) fn run_kernel(simd: Simd, g: Geometry, pk: &Packed, p: usize, buf_f32: &[f32], buf_bf16: &[u16], out: &mut [f32]) {
+pub(crate) fn run_kernel(
+    simd: Simd,
+    g: Geometry,
+    pk: &Packed,
+    p: usize,
+    buf_f32: &[f32],
+    buf_bf16: &[u16],
+    out: &mut [f32],
+    next: Option<(&Job, usize, usize)>,
+) {
     let dp = pk.dp;
     let l = g.lanes;
     let r = g.rows;
     assert!(out.len() >= r * l);
+    #[cfg(target_arch = "x86_64")]
+    let pf = match next {
+        Some((j, row, nrows)) => {
+            let (base, es) = match j.bank {
+                Elems::F32(s) => (s[row * j.d..].as_ptr() as *const u8, 4),
+                Elems::Bf16(s) => (s[row * j.d..].as_ptr() as *const u8, 2),
+            };
+            // each step of the kernel's outer loop consumes <= 64 bytes of every row (16 f32, 32 bf16
+            // pairs, or 16 widened bf16), so one line per row per step covers the next block in time
+            let row_bytes = j.d * es;
+            x86::Pf { base, stride: row_bytes, rows: nrows, bytes: row_bytes }
+        }
+        None => x86::Pf::NONE,
+    };
     if g.bf16_pairs {
         let qp = &pk.bf16.as_slice()[p * dp * l..(p + 1) * dp * l];
         assert!(buf_bf16.len() >= dp * r);
         #[cfg(target_arch = "x86_64")]
         unsafe {
             match l {
-                16 => x86::k512bf16::<1, 16>(buf_bf16.as_ptr(), qp.as_ptr(), dp, out.as_mut_ptr()),
-                32 => x86::k512bf16::<2, 12>(buf_bf16.as_ptr(), qp.as_ptr(), dp, out.as_mut_ptr()),
+                16 => x86::k512bf16::<1, 16>(buf_bf16.as_ptr(), qp.as_ptr(), dp, out.as_mut_ptr(), pf),
+                32 => x86::k512bf16::<2, 12>(buf_bf16.as_ptr(), qp.as_ptr(), dp, out.as_mut_ptr(), pf),
                 _ => unreachable!(),
             }
         }
@@ -317,19 +369,281 @@ pub(crate) fn run_kernel(simd: Simd, g: Geometry, pk: &Packed, p: usize, buf_f32
         #[cfg(target_arch = "x86_64")]
         Simd::Avx512 | Simd::Avx512Bf16 => unsafe {
             match (l, r) {
-                (16, 16) => x86::k512::<1, 16>(buf_f32.as_ptr(), qp.as_ptr(), dp, out.as_mut_ptr()),
-                (32, 12) => x86::k512::<2, 12>(buf_f32.as_ptr(), qp.as_ptr(), dp, out.as_mut_ptr()),
+                (16, 16) => x86::k512::<1, 16>(buf_f32.as_ptr(), qp.as_ptr(), dp, out.as_mut_ptr(), pf),
+                (32, 12) => x86::k512::<2, 12>(buf_f32.as_ptr(), qp.as_ptr(), dp, out.as_mut_ptr(), pf),
                 _ => unreachable!(),
             }
         },
         #[cfg(target_arch = "x86_64")]
         Simd::Avx2 => unsafe {
             match (l, r) {
-                (8, 12) => x86::k256::<1, 12>(buf_f32.as_ptr(), qp.as_ptr(), dp, out.as_mut_ptr()),
-                (16, 6) => x86::k256::<2, 6>(buf_f32.as_ptr(), qp.as_ptr(), dp, out.as_mut_ptr()),
+                (8, 12) => x86::k256::<1, 12>(buf_f32.as_ptr(), qp.as_ptr(), dp, out.as_mut_ptr(), pf),
+                (16, 6) => x86::k256::<2, 6>(buf_f32.as_ptr(), qp.as_ptr(), dp, out.as_mut_ptr(), pf),
                 _ => unreachable!(),
             }
         },
-        _ => kernel_scalar(buf_f32, qp, dp, out),
+        _ => {
+            let _ = next;
+            kernel_scalar(buf_f32, qp, dp, out)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// streaming dot-product kernels for few queries: bank rows read in place (no packing), each row
+// dotted against up to 4 queries at a time, sums of squares of the rows fused in the same pass.
+
+#[cfg(target_arch = "x86_64")]
+mod dot {
+    use std::arch::x86_64::*;
+
+    /// Software prefetch distance (bytes ahead on each streamed bank row).
+    const PF_AHEAD: usize = 2048;
+
+    /// out[r * 8 + q] = <row r, query q>, for R rows and QG queries; optional row sums of squares.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn f32_512<const QG: usize, const R: usize>(
+        rows: [*const f32; R], qs: [*const f32; QG], d: usize, out: *mut f32, ss: *mut f32,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); QG]; R];
+        let mut nrm = [_mm512_setzero_ps(); R];
+        let full = d / 16;
+        let tail = d % 16;
+        let norm = !ss.is_null();
+        for c in 0..full + (tail > 0) as usize {
+            let m: __mmask16 = if c < full { 0xffff } else { ((1u32 << tail) - 1) as u16 };
+            let mut qv = [_mm512_setzero_ps(); QG];
+            for q in 0..QG {
+                qv[q] = _mm512_maskz_loadu_ps(m, qs[q].add(c * 16));
+            }
+            for r in 0..R {
+                _mm_prefetch::<_MM_HINT_T0>(rows[r].wrapping_add(c * 16 + PF_AHEAD / 4) as *const i8);
+                let b = _mm512_maskz_loadu_ps(m, rows[r].add(c * 16));
+                for q in 0..QG {
+                    acc[r][q] = _mm512_fmadd_ps(b, qv[q], acc[r][q]);
+                }
+                if norm {
+                    nrm[r] = _mm512_fmadd_ps(b, b, nrm[r]);
+                }
+            }
+        }
+        for r in 0..R {
+            for q in 0..QG {
+                *out.add(r * 8 + q) = _mm512_reduce_add_ps(acc[r][q]);
+            }
+            if norm {
+                *ss.add(r) = _mm512_reduce_add_ps(nrm[r]);
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn widen512(m: __mmask16, p: *const u16) -> __m512 {
+        let h = _mm256_maskz_loadu_epi16(m, p as *const i16);
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    }
+
+    /// bf16 widened to fp32 (AVX-512 without BF16).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn bf16w_512<const QG: usize, const R: usize>(
+        rows: [*const u16; R], qs: [*const u16; QG], d: usize, out: *mut f32, ss: *mut f32,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); QG]; R];
+        let mut nrm = [_mm512_setzero_ps(); R];
+        let full = d / 16;
+        let tail = d % 16;
+        let norm = !ss.is_null();
+        for c in 0..full + (tail > 0) as usize {
+            let m: __mmask16 = if c < full { 0xffff } else { ((1u32 << tail) - 1) as u16 };
+            let mut qv = [_mm512_setzero_ps(); QG];
+            for q in 0..QG {
+                qv[q] = widen512(m, qs[q].add(c * 16));
+            }
+            for r in 0..R {
+                _mm_prefetch::<_MM_HINT_T0>(rows[r].wrapping_add(c * 16 + PF_AHEAD / 2) as *const i8);
+                let b = widen512(m, rows[r].add(c * 16));
+                for q in 0..QG {
+                    acc[r][q] = _mm512_fmadd_ps(b, qv[q], acc[r][q]);
+                }
+                if norm {
+                    nrm[r] = _mm512_fmadd_ps(b, b, nrm[r]);
+                }
+            }
+        }
+        for r in 0..R {
+            for q in 0..QG {
+                *out.add(r * 8 + q) = _mm512_reduce_add_ps(acc[r][q]);
+            }
+            if norm {
+                *ss.add(r) = _mm512_reduce_add_ps(nrm[r]);
+            }
+        }
+    }
+
+    /// bf16 pairs with vdpbf16ps (rows and queries are both row-major, so pairs line up).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn bf16dp_512<const QG: usize, const R: usize>(
+        rows: [*const u16; R], qs: [*const u16; QG], d: usize, out: *mut f32, ss: *mut f32,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); QG]; R];
+        let mut nrm = [_mm512_setzero_ps(); R];
+        let full = d / 32;
+        let tail = d % 32;
+        let norm = !ss.is_null();
+        for c in 0..full + (tail > 0) as usize {
+            let m: __mmask32 = if c < full { u32::MAX } else { (1u32 << tail) - 1 };
+            let mut qv = [_mm512_setzero_si512(); QG];
+            for q in 0..QG {
+                qv[q] = _mm512_maskz_loadu_epi16(m, qs[q].add(c * 32) as *const i16);
+            }
+            for r in 0..R {
+                _mm_prefetch::<_MM_HINT_T0>(rows[r].wrapping_add(c * 32 + PF_AHEAD / 2) as *const i8);
+                let b: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(m, rows[r].add(c * 32) as *const i16));
+                for q in 0..QG {
+                    acc[r][q] = _mm512_dpbf16_ps(acc[r][q], b, std::mem::transmute::<__m512i, __m512bh>(qv[q]));
+                }
+                if norm {
+                    nrm[r] = _mm512_dpbf16_ps(nrm[r], b, b);
+                }
+            }
+        }
+        for r in 0..R {
+            for q in 0..QG {
+                *out.add(r * 8 + q) = _mm512_reduce_add_ps(acc[r][q]);
+            }
+            if norm {
+                *ss.add(r) = _mm512_reduce_add_ps(nrm[r]);
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn hsum256(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[inline(always)]
+    unsafe fn ld_f32(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+
+    #[inline(always)]
+    unsafe fn ld_bf16(p: *const u16) -> __m256 {
+        let h = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+    }
+
+    macro_rules! avx2_dot {
+        ($name:ident, $t:ty, $ld:ident, $conv:expr) => {
+            #[target_feature(enable = "avx2,fma")]
+            pub unsafe fn $name<const QG: usize, const R: usize>(
+                rows: [*const $t; R], qs: [*const $t; QG], d: usize, out: *mut f32, ss: *mut f32,
+            ) {
+                let mut acc = [[_mm256_setzero_ps(); QG]; R];
+                let mut nrm = [_mm256_setzero_ps(); R];
+                let full = d / 8;
+                let norm = !ss.is_null();
+                for c in 0..full {
+                    let mut qv = [_mm256_setzero_ps(); QG];
+                    for q in 0..QG {
+                        qv[q] = $ld(qs[q].add(c * 8));
+                    }
+                    for r in 0..R {
+                        let b = $ld(rows[r].add(c * 8));
+                        for q in 0..QG {
+                            acc[r][q] = _mm256_fmadd_ps(b, qv[q], acc[r][q]);
+                        }
+                        if norm {
+                            nrm[r] = _mm256_fmadd_ps(b, b, nrm[r]);
+                        }
+                    }
+                }
+                let conv = $conv;
+                for r in 0..R {
+                    let mut tn = 0f32;
+                    for c in full * 8..d {
+                        let b: f32 = conv(*rows[r].add(c));
+                        tn += b * b;
+                    }
+                    for q in 0..QG {
+                        let mut t = 0f32;
+                        for c in full * 8..d {
+                            t += conv(*rows[r].add(c)) * conv(*qs[q].add(c));
+                        }
+                        *out.add(r * 8 + q) = hsum256(acc[r][q]) + t;
+                    }
+                    if norm {
+                        *ss.add(r) = hsum256(nrm[r]) + tn;
+                    }
+                }
+            }
+        };
+    }
+    avx2_dot!(f32_256, f32, ld_f32, |x: f32| x);
+    avx2_dot!(bf16_256, u16, ld_bf16, |x: u16| f32::from_bits((x as u32) << 16));
+}
+
+/// Streaming path: scores of rows [rb, rb + nrows) against every query (<= 8) into
+/// `out[r * 8 + q]`, and the rows' sums of squares into `sumsq` when `need_norm`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_dot(simd: Simd, g: Geometry, j: &Job, rb: usize, nrows: usize, out: &mut [f32], sumsq: &mut [f32], need_norm: bool) {
+    const R: usize = 4;
+    assert!(g.rows == R && nrows >= 1 && nrows <= R && j.q <= crate::DOT_MAX_Q && out.len() >= R * 8 && sumsq.len() >= R);
+    assert!(rb + nrows <= j.n);
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        let d = j.d;
+        // rows past the end repeat the last valid row (their results are ignored)
+        let rowi = |r: usize| (rb + r.min(nrows - 1)) * d;
+        // up to 4 queries: 4 rows x q accumulators; 5..8 queries: 2 rows x q, twice
+        let (halves, hr) = if j.q <= 4 { (1, 4) } else { (2, 2) };
+        for h in 0..halves {
+            let r0 = h * hr;
+            let ss = if need_norm { sumsq.as_mut_ptr().add(r0) } else { std::ptr::null_mut() };
+            let o = out.as_mut_ptr().add(r0 * 8);
+            macro_rules! go {
+                ($f:ident, $bank:expr, $qs:expr) => {{
+                    let b = $bank;
+                    let qsl = $qs;
+                    let qp = |i: usize| qsl.as_ptr().add(i * d);
+                    if hr == 4 {
+                        let rows: [_; 4] = std::array::from_fn(|r| b.as_ptr().add(rowi(r)));
+                        match j.q {
+                            1 => dot::$f::<1, 4>(rows, [qp(0)], d, o, ss),
+                            2 => dot::$f::<2, 4>(rows, std::array::from_fn(qp), d, o, ss),
+                            3 => dot::$f::<3, 4>(rows, std::array::from_fn(qp), d, o, ss),
+                            _ => dot::$f::<4, 4>(rows, std::array::from_fn(qp), d, o, ss),
+                        }
+                    } else {
+                        let rows: [_; 2] = std::array::from_fn(|r| b.as_ptr().add(rowi(r0 + r)));
+                        match j.q {
+                            5 => dot::$f::<5, 2>(rows, std::array::from_fn(qp), d, o, ss),
+                            6 => dot::$f::<6, 2>(rows, std::array::from_fn(qp), d, o, ss),
+                            7 => dot::$f::<7, 2>(rows, std::array::from_fn(qp), d, o, ss),
+                            _ => dot::$f::<8, 2>(rows, std::array::from_fn(qp), d, o, ss),
+                        }
+                    }
+                }};
+            }
+            match (simd, j.bank, j.queries) {
+                (Simd::Avx512 | Simd::Avx512Bf16, Elems::F32(b), Elems::F32(q)) => go!(f32_512, b, q),
+                (Simd::Avx512Bf16, Elems::Bf16(b), Elems::Bf16(q)) => go!(bf16dp_512, b, q),
+                (Simd::Avx512, Elems::Bf16(b), Elems::Bf16(q)) => go!(bf16w_512, b, q),
+                (Simd::Avx2, Elems::F32(b), Elems::F32(q)) => go!(f32_256, b, q),
+                (Simd::Avx2, Elems::Bf16(b), Elems::Bf16(q)) => go!(bf16_256, b, q),
+                _ => unreachable!("streaming path on {simd:?}"),
+            }
+        }
+        if !need_norm {
+            sumsq[..R].fill(0.0);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (simd, g, j, rb, nrows, out, sumsq, need_norm);
+        unreachable!("streaming path needs x86_64");
     }
 }

@@ -97,7 +97,9 @@ impl Simd {
         let mut v = Vec::new();
         #[cfg(target_arch = "x86_64")]
         {
-            let f512 = std::arch::is_x86_feature_detected!("avx512f");
+            let f512 = std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl");
             if f512 && std::arch::is_x86_feature_detected!("avx512bf16") {
                 v.push(Simd::Avx512Bf16);
             }
@@ -312,9 +314,18 @@ pub(crate) struct Geometry {
     pub rows: usize,
     /// whether bf16 is consumed in pairs (vdpbf16ps) rather than widened
     pub bf16_pairs: bool,
+    /// streaming mode for few queries: bank rows are read in place and dotted against every
+    /// query (no packing, no redundant lanes); `lanes` is then [`DOT_MAX_Q`]
+    pub dot: bool,
 }
 
+/// Up to this many queries (per job) use the streaming dot-product kernels.
+pub const DOT_MAX_Q: usize = 8;
+
 pub(crate) fn geometry(simd: Simd, bf16: bool, q: usize) -> Geometry {
+    if simd != Simd::Scalar && q <= DOT_MAX_Q {
+        return Geometry { lanes: DOT_MAX_Q, rows: 4, bf16_pairs: bf16 && simd == Simd::Avx512Bf16, dot: true };
+    }
     let (lanes, rows) = match simd {
         Simd::Scalar => (8, 4),
         Simd::Avx2 => {
@@ -332,7 +343,7 @@ pub(crate) fn geometry(simd: Simd, bf16: bool, q: usize) -> Geometry {
             }
         }
     };
-    Geometry { lanes, rows, bf16_pairs: bf16 && simd == Simd::Avx512Bf16 }
+    Geometry { lanes, rows, bf16_pairs: bf16 && simd == Simd::Avx512Bf16, dot: false }
 }
 
 /// Elements per 64-byte piece of the packed layouts.
@@ -373,6 +384,9 @@ fn pack_queries(j: &Job, g: Geometry, metric: Metric) -> Packed {
                 _ => s as f32,
             };
         }
+    }
+    if g.dot {
+        return Packed { f32: kernels::AVec::zeroed(0), bf16: kernels::AVec::zeroed(0), dp: 0, panels, qnorm };
     }
     if g.bf16_pairs {
         let dp = round_up(j.d, PIECE_BF16);
@@ -485,7 +499,7 @@ fn search_in_pool(
         }
         let g = geoms[li];
         let pk = &packed[li];
-        let panel_bytes = pk.dp * g.lanes * if g.bf16_pairs { 2 } else { 4 };
+        let panel_bytes = (pk.dp * g.lanes * if g.bf16_pairs { 2 } else { 4 }).max(1);
         let per_sb = (SUPERBLOCK_BYTES / panel_bytes).max(1);
         let nsb = pk.panels.div_ceil(per_sb);
         // enough chunks for load balance, but chunks of at least a few micro-blocks
@@ -580,8 +594,8 @@ fn run_task(t: &Task, j: &Job, pk: &Packed, g: Geometry, opt: &Options) -> TaskO
     let mut heaps: Vec<TopK> = (q0..q1).map(|_| TopK::new(opt.k)).collect();
     let need_norm = opt.metric != Metric::Ip;
     let mut blk = Block {
-        buf_f32: kernels::AVec::zeroed(if g.bf16_pairs { 0 } else { pk.dp * r }),
-        buf_bf16: kernels::AVec::zeroed(if g.bf16_pairs { pk.dp * r } else { 0 }),
+        buf_f32: kernels::AVec::zeroed(if g.bf16_pairs || g.dot { 0 } else { pk.dp * r }),
+        buf_bf16: kernels::AVec::zeroed(if g.bf16_pairs && !g.dot { pk.dp * r } else { 0 }),
         sumsq: vec![0f32; r],
     };
     let mut out = vec![0f32; r * l];
@@ -594,7 +608,11 @@ fn run_task(t: &Task, j: &Job, pk: &Packed, g: Geometry, opt: &Options) -> TaskO
     let mut rb = t.r0;
     while rb < t.r1 {
         let nrows = (t.r1 - rb).min(r);
-        kernels::pack_block(opt.simd, g, j, rb, nrows, pk.dp, blk.buf_f32.as_mut_slice(), blk.buf_bf16.as_mut_slice(), &mut blk.sumsq, need_norm);
+        if g.dot {
+            kernels::run_dot(opt.simd, g, j, rb, nrows, &mut out, &mut blk.sumsq, need_norm);
+        } else {
+            kernels::pack_block(opt.simd, g, j, rb, nrows, pk.dp, blk.buf_f32.as_mut_slice(), blk.buf_bf16.as_mut_slice(), &mut blk.sumsq, need_norm);
+        }
         if need_norm && opt.check_finite {
             for rr in 0..nrows {
                 if !blk.sumsq[rr].is_finite() {
@@ -609,7 +627,12 @@ fn run_task(t: &Task, j: &Job, pk: &Packed, g: Geometry, opt: &Options) -> TaskO
             }
         }
         for p in t.p0..t.p1 {
-            kernels::run_kernel(opt.simd, g, pk, p, blk.buf_f32.as_slice(), blk.buf_bf16.as_slice(), &mut out);
+            if !g.dot {
+                // prefetch the next micro-block while the first panel runs
+                let next = rb + nrows;
+                let pf = if p == t.p0 && next < t.r1 { Some((j, next, (t.r1 - next).min(r))) } else { None };
+                kernels::run_kernel(opt.simd, g, pk, p, blk.buf_f32.as_slice(), blk.buf_bf16.as_slice(), &mut out, pf);
+            }
             let pq0 = p * l;
             let lanes_valid = (j.q - pq0).min(l);
             for rr in 0..nrows {
@@ -621,7 +644,10 @@ fn run_task(t: &Task, j: &Job, pk: &Packed, g: Geometry, opt: &Options) -> TaskO
                 for (lane, &raw) in orow.iter().enumerate() {
                     let qi = pq0 + lane;
                     let h = &mut heaps[qi - q0];
-                    if opt.check_finite && !raw.is_finite() {
+                    if !raw.is_finite() {
+                        if !opt.check_finite {
+                            continue; // non-finite scores never qualify
+                        }
                         let e = if row_is_finite(j.bank, j.d, row) {
                             SearchError::Overflow(t.job, row)
                         } else {
@@ -632,7 +658,11 @@ fn run_task(t: &Task, j: &Job, pk: &Packed, g: Geometry, opt: &Options) -> TaskO
                     let gval = match opt.metric {
                         Metric::Ip => raw,
                         Metric::Cosine => raw * pk.qnorm[qi] * binv,
-                        Metric::L2 => -(pk.qnorm[qi] - 2.0 * raw + bn).max(0.0),
+                        Metric::L2 => {
+                            // clamp rounding below zero (a NaN stays NaN and never qualifies)
+                            let dist = pk.qnorm[qi] - 2.0 * raw + bn;
+                            -(if dist < 0.0 { 0.0 } else { dist })
+                        }
                     };
                     if gval > h.threshold() && gval >= gmin && gval <= gmax {
                         if let (Some(bgv), Some(qg)) = (bg, j.query_groups) {

@@ -1,0 +1,136 @@
+"""Native core of crl: exact top-k search (Rust, pyo3).
+
+Exact (brute-force, not approximate) top-k search of queries against a bank, the hot loop of
+hard-negative mining. Element types: ``float32``, or bfloat16 passed as its raw 16-bit pattern in an
+``int16`` or ``uint16`` array (what ``tensor.view(torch.int16).numpy()`` gives for a bf16 tensor).
+Queries and bank must have the same element type. Arrays must be C-contiguous and are used in place,
+never copied (a non-contiguous array raises ``ValueError`` instead of being silently copied); do not
+modify them from another thread during a call.
+
+Scores are float32 and ordered best first:
+
+* ``metric="ip"``: inner product, descending.
+* ``metric="cosine"``: cosine similarity, descending (a zero vector has cosine 0 with everything).
+* ``metric="l2"``: **squared** Euclidean distance, *ascending* (computed as
+  ``|q|^2 - 2 q.b + |b|^2``, clamped at 0, like FAISS ``IndexFlatL2``).
+
+Where fewer than ``k`` bank entries qualify (``k > N``, group exclusion, score window), the remaining
+slots hold id ``-1`` and the worst score: ``-inf`` for ``ip``/``cosine``, ``+inf`` for ``l2``.
+Ties are broken by the smaller bank id.
+
+fp32 results equal a brute-force search up to summation-order rounding. bf16 inputs are multiplied
+exactly and accumulated in fp32 (``vdpbf16ps`` on the ``avx512bf16`` path, widening to fp32
+elsewhere), so they equal a brute force over the same bf16 values up to summation-order rounding
+(the ``avx512bf16`` path treats bf16 subnormals as zero, as the instruction does).
+
+Filters run inside the search loop, before the top-k: with ``query_groups`` [Q] and ``bank_groups``
+[N] (int64, given together), bank rows whose group equals the query's group are skipped (exclude the
+query's own sample or class). ``min_score``/``max_score`` keep only entries with
+``min_score <= score <= max_score`` (in the metric's units, so squared distance for ``l2``), e.g. a
+semi-hard negative window.
+
+The GIL is released during the search. Work runs on a dedicated rayon thread pool per thread count
+(created on first use and cached; ``threads=None`` means all cores), split across banks, bank chunks
+and query blocks. The SIMD path is chosen at run time: ``simd=`` argument, else the ``CRL_SIMD``
+environment variable, else the best the CPU supports (see :func:`simd_paths`). Few queries (<= 8)
+stream each bank row once against all queries; more queries run a register-blocked GEMM
+micro-kernel over cache-sized bank blocks with the top-k check fused after each tile.
+
+Errors: wrong types or dtypes raise ``TypeError``; bad shapes, non-contiguous arrays, ``k < 1``, an
+empty bank, group arrays of the wrong length, ``min_score > max_score``, an unknown or unsupported
+SIMD path and NaN/Inf in queries or bank (when ``check_finite``) raise ``ValueError``. Every message
+starts with the name of the offending argument.
+"""
+
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+Metric = Literal["ip", "cosine", "l2"]
+SimdPath = Literal["auto", "avx512bf16", "avx512", "avx2", "scalar"]
+
+def search(
+    queries: npt.NDArray[np.float32] | npt.NDArray[np.int16] | npt.NDArray[np.uint16],
+    bank: npt.NDArray[np.float32] | npt.NDArray[np.int16] | npt.NDArray[np.uint16],
+    k: int,
+    *,
+    metric: Metric = "ip",
+    query_groups: npt.NDArray[np.int64] | None = None,
+    bank_groups: npt.NDArray[np.int64] | None = None,
+    min_score: float | None = None,
+    max_score: float | None = None,
+    threads: int | None = None,
+    simd: SimdPath | None = None,
+    check_finite: bool = True,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Exact top-k of ``queries`` [Q, d] against ``bank`` [N, d].
+
+    Args:
+        queries: [Q, d] float32, or bf16 bits as int16/uint16; C-contiguous. Q may be 0.
+        bank: [N, d], same dtype as ``queries``; C-contiguous; N >= 1.
+        k: results per query, >= 1. ``k > N`` is allowed: the extra slots are padding.
+        metric: ``"ip"``, ``"cosine"`` or ``"l2"`` (squared distance, ascending).
+        query_groups: [Q] int64; with ``bank_groups``, bank rows of the query's own group are excluded.
+        bank_groups: [N] int64.
+        min_score: keep only entries scoring >= this (metric units). None: no lower bound.
+        max_score: keep only entries scoring <= this. None: no upper bound.
+        threads: worker threads (>= 1); None: all cores.
+        simd: force a SIMD path (``"avx512bf16"``, ``"avx512"``, ``"avx2"``, ``"scalar"``, ``"auto"``);
+            None: ``CRL_SIMD`` or the best available. For float32 input ``"avx512bf16"`` runs the
+            AVX-512 fp32 kernels.
+        check_finite: raise ValueError on NaN/Inf in queries (checked up front) or bank (detected
+            inside the search at no extra pass: a non-finite bank value makes its scores non-finite).
+            With False, non-finite scores never qualify.
+
+    Returns:
+        ``(scores, ids)``: float32 [Q, k] and int64 [Q, k], best first; padding id -1 with score
+        -inf (+inf for ``l2``).
+    """
+
+def search_many(
+    queries: list[npt.NDArray[np.float32]] | list[npt.NDArray[np.int16]] | list[npt.NDArray[np.uint16]] | npt.NDArray[np.float32] | npt.NDArray[np.int16] | npt.NDArray[np.uint16],
+    banks: list[npt.NDArray[np.float32]] | list[npt.NDArray[np.int16]] | list[npt.NDArray[np.uint16]] | npt.NDArray[np.float32] | npt.NDArray[np.int16] | npt.NDArray[np.uint16],
+    k: int,
+    *,
+    metric: Metric = "ip",
+    query_groups: npt.NDArray[np.int64] | list[npt.NDArray[np.int64]] | None = None,
+    bank_groups: npt.NDArray[np.int64] | list[npt.NDArray[np.int64]] | None = None,
+    min_score: float | None = None,
+    max_score: float | None = None,
+    threads: int | None = None,
+    simd: SimdPath | None = None,
+    check_finite: bool = True,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Search several banks (e.g. one per layer), each with its own queries, in one parallel call.
+
+    Equal to ``search(queries[l], banks[l], k, ...)`` for every ``l``, but all banks run in one
+    parallel region (across banks, bank chunks and query blocks) with the GIL released once.
+
+    Args:
+        queries: a 3-D array [L, Q, d] or a list of L 2-D arrays [Q, d_l] (same Q for every bank).
+        banks: a 3-D array [L, N, d] or a list of L 2-D arrays [N_l, d_l] (N and d may differ per
+            bank in the list form; each bank's d must match its queries').
+        k: results per query, >= 1.
+        query_groups: None, a 1-D int64 array [Q] shared by all banks, a 2-D array [L, Q], or a
+            list of L 1-D arrays.
+        bank_groups: None, a 1-D int64 array [N] shared by all banks, a 2-D array [L, N], or a
+            list of L 1-D arrays [N_l].
+        metric, min_score, max_score, threads, simd, check_finite: as in :func:`search`.
+
+    Returns:
+        ``(scores, ids)``: float32 [L, Q, k] and int64 [L, Q, k].
+    """
+
+def simd_paths() -> list[str]:
+    """The SIMD paths this CPU supports, best first, e.g.
+    ``["avx512bf16", "avx512", "avx2", "scalar"]`` (``"scalar"`` is always there)."""
+
+def simd_path() -> str:
+    """The path a call without ``simd=`` uses: ``CRL_SIMD`` if set (ValueError if unsupported),
+    else the best supported one."""
+
+def default_threads() -> int:
+    """The number of threads a call without ``threads=`` uses (all cores)."""

@@ -1,0 +1,420 @@
+"""crl._native against a numpy brute force, on every SIMD path this CPU has."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+native = pytest.importorskip("crl._native", reason="the native extension is not built (pip install -e .)")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+ALL_PATHS = ["avx512bf16", "avx512", "avx2", "scalar"]
+SUPPORTED = native.simd_paths()
+
+
+def path_param(p: str):
+    return pytest.param(
+        p, marks=pytest.mark.skipif(p not in SUPPORTED, reason=f"this CPU lacks the {p} path (has {SUPPORTED})")
+    )
+
+
+PATHS = [path_param(p) for p in ALL_PATHS]
+
+
+# --------------------------------------------------------------------------------------------
+# reference
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits, round to nearest even (independent of the Rust code)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return r.astype(np.uint16)
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def brute_scores(q: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
+    q64, b64 = q.astype(np.float64), b.astype(np.float64)
+    dot = q64 @ b64.T
+    if metric == "ip":
+        return dot
+    qn = np.sqrt((q64 * q64).sum(1))
+    bn = np.sqrt((b64 * b64).sum(1))
+    if metric == "cosine":
+        den = qn[:, None] * bn[None, :]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, dot / np.where(den > 0, den, 1), 0.0)
+    return ((q64[:, None, :] - b64[None, :, :]) ** 2).sum(-1)
+
+
+def tolerance(q: np.ndarray, b: np.ndarray, metric: str, s: np.ndarray) -> np.ndarray:
+    q64, b64 = q.astype(np.float64), b.astype(np.float64)
+    qn = np.sqrt((q64 * q64).sum(1))[:, None]
+    bn = np.sqrt((b64 * b64).sum(1))[None, :]
+    if metric == "ip":
+        return 1e-5 * (np.abs(s) + qn * bn) + 1e-30
+    if metric == "cosine":
+        return 1e-5 * (1 + np.abs(s))
+    return 1e-5 * (s + qn**2 + bn**2) + 1e-30
+
+
+def check(q, b, k, metric, scores, ids, qg=None, bg=None, lo=-np.inf, hi=np.inf):
+    """Scores within tolerance of the brute force, ids identical up to (near-)ties."""
+    S = brute_scores(q, b, metric)
+    T = tolerance(q, b, metric, S)
+    Q, N = S.shape
+    assert scores.shape == (Q, k) and ids.shape == (Q, k)
+    assert scores.dtype == np.float32 and ids.dtype == np.int64
+    worst = np.inf if metric == "l2" else -np.inf
+    sign = 1.0 if metric == "l2" else -1.0  # sort key: ascending of sign * score
+    S32 = S.astype(np.float32)
+    for i in range(Q):
+        gok = np.ones(N, bool) if qg is None else (bg != qg[i])
+        ok = gok & (S32[i] >= lo) & (S32[i] <= hi)
+        # entries within tolerance of a window edge may go either way
+        ambiguous = bool((gok & ((np.abs(S[i] - lo) <= 2 * T[i]) | (np.abs(S[i] - hi) <= 2 * T[i]))).any())
+        cand = np.flatnonzero(ok)
+        order = cand[np.lexsort((cand, sign * S[i, cand]))]
+        exp_ids = order[:k]
+        got = ids[i]
+        valid = got >= 0
+        nv = int(valid.sum())
+        # padding is a suffix: id -1 with the worst score
+        assert valid[:nv].all(), (i, got)
+        assert np.all(scores[i, nv:] == worst), (i, scores[i])
+        g = got[:nv]
+        assert len(set(g.tolist())) == nv, ("duplicate ids", g)
+        # each returned entry qualifies (group strictly, window within tolerance) with its own score
+        assert np.all(gok[g]), (i, g)
+        assert np.all(S[i, g] >= lo - 2 * T[i, g]) and np.all(S[i, g] <= hi + 2 * T[i, g])
+        assert np.all(np.abs(scores[i, :nv] - S[i, g]) <= T[i, g]), (i, scores[i, :nv], S[i, g])
+        # best first, by the returned scores
+        assert np.all(np.diff(sign * scores[i, :nv].astype(np.float64)) >= 0), scores[i]
+        if ambiguous:
+            continue
+        assert nv == min(k, len(cand)), (i, nv, len(cand), got, exp_ids)
+        # scores equal the expected top-k scores position by position
+        assert np.all(np.abs(scores[i, :nv] - S[i, exp_ids]) <= 2 * T[i, exp_ids]), (i, scores[i], S[i, exp_ids])
+        # ids identical wherever the expected score is separated from its neighbours (else a tie)
+        full, tt = S[i, order], T[i, order]
+        for p in range(nv):
+            if p > 0 and abs(full[p] - full[p - 1]) <= 2 * (tt[p] + tt[p - 1]):
+                continue
+            if p + 1 < len(full) and abs(full[p] - full[p + 1]) <= 2 * (tt[p] + tt[p + 1]):
+                continue
+            assert got[p] == exp_ids[p], (i, p, got, exp_ids)
+
+
+# --------------------------------------------------------------------------------------------
+# property tests against the brute force
+
+case = st.fixed_dictionaries(
+    {
+        "Q": st.sampled_from([1, 1, 2, 3, 5, 8, 9, 16, 17, 33, 40]),
+        "N": st.integers(1, 300),
+        "d": st.sampled_from([1, 3, 7, 15, 16, 17, 31, 32, 33, 47, 64, 70]),
+        "k": st.integers(1, 20),
+        "metric": st.sampled_from(["ip", "cosine", "l2"]),
+        "groups": st.booleans(),
+        "window": st.booleans(),
+        "ints": st.booleans(),
+        "seed": st.integers(0, 2**31 - 1),
+        "threads": st.sampled_from([None, 1, 2]),
+    }
+)
+
+
+def make_data(c):
+    rng = np.random.default_rng(c["seed"])
+    if c["ints"]:  # small integers: exact ties, exact sums
+        q = rng.integers(-2, 3, (c["Q"], c["d"])).astype(np.float32)
+        b = rng.integers(-2, 3, (c["N"], c["d"])).astype(np.float32)
+    else:
+        q = rng.standard_normal((c["Q"], c["d"]), dtype=np.float32)
+        b = rng.standard_normal((c["N"], c["d"]), dtype=np.float32)
+    qg = bg = None
+    if c["groups"]:
+        qg = rng.integers(0, 4, c["Q"]).astype(np.int64)
+        bg = rng.integers(0, 4, c["N"]).astype(np.int64)
+    return rng, q, b, qg, bg
+
+
+def pick_window(rng, S, metric):
+    """A window whose edges sit in gaps of the score distribution (no boundary ambiguity)."""
+    v = np.unique(S.astype(np.float32).ravel())
+    if len(v) < 3:
+        return None, None
+    i, j = sorted(rng.integers(0, len(v) - 1, 2))
+    lo = float((v[i] + v[i + 1]) / 2) if rng.random() < 0.7 else None
+    hi = float((v[j] + v[j + 1]) / 2) if rng.random() < 0.7 else None
+    if lo is not None and hi is not None and lo > hi:
+        lo, hi = hi, lo
+    return lo, hi
+
+
+def run_case(c, simd, bf16, bits_dtype=np.int16):
+    rng, q, b, qg, bg = make_data(c)
+    if bf16:
+        qb, bb = bf16_bits(q), bf16_bits(b)
+        q, b = bf16_to_f32(qb), bf16_to_f32(bb)  # the reference sees the same rounded values
+        qa, ba = qb.view(bits_dtype), bb.view(bits_dtype)
+    else:
+        qa, ba = q, b
+    lo = hi = None
+    if c["window"]:
+        lo, hi = pick_window(rng, brute_scores(q, b, c["metric"]), c["metric"])
+    s, i = native.search(
+        qa, ba, c["k"], metric=c["metric"], query_groups=qg, bank_groups=bg,
+        min_score=lo, max_score=hi, threads=c["threads"], simd=simd,
+    )
+    check(q, b, c["k"], c["metric"], s, i, qg, bg,
+          -np.inf if lo is None else lo, np.inf if hi is None else hi)
+
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+
+
+@pytest.mark.parametrize("simd", PATHS)
+@SETTINGS
+@given(c=case)
+def test_float32_matches_bruteforce(simd, c):
+    run_case(c, simd, bf16=False)
+
+
+@pytest.mark.parametrize("simd", PATHS)
+@SETTINGS
+@given(c=case, bits=st.sampled_from([np.int16, np.uint16]))
+def test_bfloat16_matches_bruteforce_on_rounded_values(simd, c, bits):
+    run_case(c, simd, bf16=True, bits_dtype=bits)
+
+
+@pytest.mark.parametrize("simd", PATHS)
+@pytest.mark.parametrize("Q,N,d", [(1, 1000, 300), (7, 500, 257), (64, 700, 130)])
+def test_larger_shapes(simd, Q, N, d):
+    c = dict(Q=Q, N=N, d=d, k=10, metric="ip", groups=True, window=False, ints=False, seed=Q * N + d, threads=2)
+    run_case(c, simd, bf16=False)
+    run_case(dict(c, metric="l2"), simd, bf16=True)
+
+
+def test_padding_when_fewer_than_k_qualify():
+    q = np.eye(2, 4, dtype=np.float32)
+    b = np.eye(3, 4, dtype=np.float32)
+    s, i = native.search(q, b, 5)
+    assert i.tolist() == [[0, 1, 2, -1, -1], [1, 0, 2, -1, -1]]
+    assert s[0].tolist() == [1, 0, 0, -np.inf, -np.inf]
+    s, i = native.search(q, b, 5, metric="l2")
+    assert i[0].tolist() == [0, 1, 2, -1, -1] and s[0, 3:].tolist() == [np.inf, np.inf]
+    s, i = native.search(q, b, 2, query_groups=np.array([0, 1]), bank_groups=np.array([0, 1, 1]))
+    assert i.tolist() == [[1, 2], [0, -1]]
+    s, i = native.search(q, b, 2, min_score=0.5)
+    assert i.tolist() == [[0, -1], [1, -1]]
+    s, i = native.search(q[:0], b, 3)
+    assert s.shape == (0, 3) and i.shape == (0, 3)
+
+
+def test_int16_and_uint16_bits_agree():
+    rng = np.random.default_rng(1)
+    q = bf16_bits(rng.standard_normal((5, 40), dtype=np.float32))
+    b = bf16_bits(rng.standard_normal((90, 40), dtype=np.float32))
+    s1, i1 = native.search(q, b, 7)
+    s2, i2 = native.search(q.view(np.int16), b.view(np.int16), 7)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_array_equal(s1, s2)
+
+
+def test_torch_bf16_view():
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 33, generator=g).to(torch.bfloat16)
+    b = torch.randn(50, 33, generator=g).to(torch.bfloat16)
+    s, i = native.search(q.view(torch.int16).numpy(), b.view(torch.int16).numpy(), 4)
+    ref = (q.float() @ b.float().T).topk(4)
+    np.testing.assert_allclose(s, ref.values.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(i, ref.indices.numpy())
+
+
+# --------------------------------------------------------------------------------------------
+# several banks
+
+
+@pytest.mark.parametrize("simd", PATHS)
+@pytest.mark.parametrize("bf16", [False, True])
+def test_search_many_equals_per_bank(simd, bf16):
+    rng = np.random.default_rng(5)
+    L, Q, N, d = 3, 6, 120, 24
+    qs = rng.standard_normal((L, Q, d), dtype=np.float32)
+    bs = rng.standard_normal((L, N, d), dtype=np.float32)
+    if bf16:
+        qs, bs = bf16_bits(qs).view(np.int16), bf16_bits(bs).view(np.int16)
+    qg = rng.integers(0, 3, (L, Q)).astype(np.int64)
+    bg = rng.integers(0, 3, (L, N)).astype(np.int64)
+    for kw in [{}, {"query_groups": qg, "bank_groups": bg}, {"metric": "cosine", "min_score": -0.2}]:
+        s3, i3 = native.search_many(qs, bs, 5, simd=simd, **kw)
+        assert s3.shape == (L, Q, 5) and i3.shape == (L, Q, 5)
+        kl = {k: (list(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+        sl, il = native.search_many(list(qs), list(bs), 5, simd=simd, **kl)
+        np.testing.assert_array_equal(s3, sl)
+        np.testing.assert_array_equal(i3, il)
+        for layer in range(L):
+            kw1 = {k: (v[layer] if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+            s1, i1 = native.search(qs[layer], bs[layer], 5, simd=simd, **kw1)
+            np.testing.assert_array_equal(s3[layer], s1)
+            np.testing.assert_array_equal(i3[layer], i1)
+    # different bank sizes in the list form, groups shared / per bank
+    banks = [bs[0][:50], bs[1], bs[2][:7]]
+    bgl = [bg[0][:50], bg[1], bg[2][:7]]
+    s, i = native.search_many(list(qs), banks, 9, query_groups=qg[0], bank_groups=bgl, simd=simd)
+    for layer in range(L):
+        s1, i1 = native.search(qs[layer], banks[layer], 9, query_groups=qg[0], bank_groups=bgl[layer], simd=simd)
+        np.testing.assert_array_equal(s[layer], s1)
+        np.testing.assert_array_equal(i[layer], i1)
+
+
+# --------------------------------------------------------------------------------------------
+# bad input
+
+
+def _raises(exc, match, f, *a, **kw):
+    with pytest.raises(exc) as e:
+        f(*a, **kw)
+    assert match in str(e.value), str(e.value)
+    return str(e.value)
+
+
+def test_bad_input_errors_name_the_argument():
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((4, 8), dtype=np.float32)
+    b = rng.standard_normal((20, 8), dtype=np.float32)
+    S = native.search
+    _raises(TypeError, "queries", S, q.astype(np.float64), b, 3)
+    _raises(TypeError, "bank", S, q, b.astype(np.float16), 3)
+    _raises(TypeError, "queries", S, q.tolist(), b, 3)
+    _raises(TypeError, "bank", S, q, bf16_bits(b), 3)  # dtype mismatch
+    _raises(ValueError, "queries", S, q[:, ::2], b[:, :4], 3)  # non-contiguous
+    _raises(ValueError, "bank", S, q, np.asfortranarray(b), 3)
+    _raises(ValueError, "bank", S, q, b[::2], 3)
+    _raises(ValueError, "queries", S, q[0], b, 3)  # 1-D
+    _raises(ValueError, "bank", S, q, b[:, :7].copy(), 3)  # d mismatch
+    _raises(ValueError, "k", S, q, b, 0)
+    _raises(ValueError, "k", S, q, b, -2)
+    _raises(ValueError, "bank", S, q, b[:0], 3)  # empty bank
+    _raises(ValueError, "query_groups", S, q, b, 3, query_groups=np.zeros(3, np.int64), bank_groups=np.zeros(20, np.int64))
+    _raises(ValueError, "bank_groups", S, q, b, 3, query_groups=np.zeros(4, np.int64), bank_groups=np.zeros(21, np.int64))
+    _raises(TypeError, "query_groups", S, q, b, 3, query_groups=np.zeros(4, np.int32), bank_groups=np.zeros(20, np.int64))
+    _raises(ValueError, "query_groups", S, q, b, 3, query_groups=np.zeros(4, np.int64))
+    _raises(ValueError, "min_score", S, q, b, 3, min_score=1.0, max_score=0.0)
+    _raises(ValueError, "metric", S, q, b, 3, metric="hamming")
+    _raises(ValueError, "threads", S, q, b, 3, threads=0)
+    _raises(ValueError, "simd", S, q, b, 3, simd="neon")
+    for bad in [np.nan, np.inf, -np.inf]:
+        q2 = q.copy()
+        q2[2, 3] = bad
+        _raises(ValueError, "queries", S, q2, b, 3)
+        b2 = b.copy()
+        b2[17, 5] = bad
+        for simd in SUPPORTED:
+            for metric in ["ip", "cosine", "l2"]:
+                m = _raises(ValueError, "bank", S, q, b2, 3, simd=simd, metric=metric)
+                assert "row 17" in m
+                m = _raises(ValueError, "bank", S, q[:1], b2, 3, simd=simd, metric=metric)
+        bb = bf16_bits(b2)
+        _raises(ValueError, "bank", S, bf16_bits(q), bb, 3)
+        # check_finite=False: no error, the bad row never qualifies
+        s, i = S(q, b2, 20, check_finite=False)
+        assert 17 not in i
+    M = native.search_many
+    _raises(ValueError, "banks", M, [q, q], [b], 3)
+    _raises(ValueError, "banks[1]", M, [q, q], [b, b[:, :4].copy()], 3)
+    _raises(ValueError, "queries[1]", M, [q, q[:2]], [b, b], 3)
+    _raises(TypeError, "queries[0]", M, [q.astype(np.float64)], [b], 3)
+    _raises(ValueError, "queries", M, q, b, 3)  # 2-D where 3-D (or a list) is expected
+    _raises(ValueError, "bank_groups", M, [q, q], [b, b], 3, query_groups=np.zeros(4, np.int64),
+            bank_groups=[np.zeros(20, np.int64)])
+
+
+def test_no_copy_and_no_mutation():
+    rng = np.random.default_rng(0)
+    b = rng.standard_normal((50, 16), dtype=np.float32)
+    q = rng.standard_normal((3, 16), dtype=np.float32)
+    b.flags.writeable = False  # read-only arrays are fine (used in place)
+    bc = b.copy()
+    native.search(q, b, 4)
+    np.testing.assert_array_equal(b, bc)
+    # a transposed view is not silently copied
+    _raises(ValueError, "C-contiguous", native.search, q, np.ascontiguousarray(b.T).T, 4)
+
+
+# --------------------------------------------------------------------------------------------
+# SIMD selection, threads, GIL
+
+
+def test_simd_selection():
+    assert "scalar" in SUPPORTED
+    assert native.simd_path() in SUPPORTED
+    env = dict(os.environ, CRL_SIMD="scalar")
+    out = subprocess.run([sys.executable, "-c", "import crl._native as n; print(n.simd_path())"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "scalar"
+    env["CRL_SIMD"] = "bogus"
+    out = subprocess.run([sys.executable, "-c", "import crl._native as n, numpy as np; "
+                          "n.search(np.ones((1,2),np.float32), np.ones((3,2),np.float32), 1)"],
+                         env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "CRL_SIMD" in out.stderr
+    for p in ALL_PATHS:
+        if p not in SUPPORTED:
+            _raises(ValueError, "simd", native.search, np.ones((1, 2), np.float32), np.ones((3, 2), np.float32), 1, simd=p)
+
+
+def test_gil_released():
+    rng = np.random.default_rng(0)
+    b = rng.standard_normal((60000, 256), dtype=np.float32)
+    q = rng.standard_normal((64, 256), dtype=np.float32)
+    done = threading.Event()
+    t0 = time.perf_counter()
+
+    def work():
+        for _ in range(3):
+            native.search(q, b, 10, threads=1)
+        done.set()
+
+    th = threading.Thread(target=work)
+    th.start()
+    ticks = 0
+    while not done.is_set():
+        time.sleep(0.001)
+        ticks += 1
+    th.join()
+    elapsed = time.perf_counter() - t0
+    # with the GIL held the main thread could only run between calls
+    assert ticks >= 10 and ticks >= 0.2 * elapsed / 0.001 / 10, (ticks, elapsed)
+
+
+# --------------------------------------------------------------------------------------------
+# benchmark smoke test
+
+
+def test_bench_quick(tmp_path):
+    pytest.importorskip("crl.benchmarks.mining")
+    from crl.benchmarks import mining
+
+    out = tmp_path / "mining.json"
+    assert mining.main(["--quick", "--output", str(out), "--repeats", "1"]) == 0
+    data = json.loads(out.read_text())
+    assert data["results"], data
+    backends = {r["backend"] for r in data["results"]}
+    assert {"crl-fp32", "crl-bf16", "numpy"} <= backends
+    for r in data["results"]:
+        assert r["seconds"] > 0 and r["gflops"] > 0
+    assert data["machine"]["threads"] >= 1 and data["machine"]["read_gbps"] > 0
