@@ -151,7 +151,7 @@ def _example_from_record(rec: Any, path: Path, lineno: int, source: str) -> Exam
     return Example(
         id=ex_id,
         messages=messages,
-        source=_opt_str(rec, "source", path, where) or source,
+        source=src if (src := _opt_str(rec, "source", path, where)) is not None else source,
         category=_opt_str(rec, "category", path, where),
         label=_opt_str(rec, "label", path, where),
         target=_opt_str(rec, "target", path, where),
