@@ -1,0 +1,3 @@
+"""Benchmarks of crl (``crl bench mining``; ``python benches/mining.py``)."""
+
+__all__ = ["mining"]

@@ -1,0 +1,382 @@
+"""Benchmark of exact top-k mining: crl's native search against FAISS, numpy and torch.
+
+Everything runs in one process with the same thread count; repetitions are interleaved across
+backends (one call of each backend per round) and the median is reported. Results go to a JSON file
+(``--output``, default ``results/mining.json``) and a table on stdout.
+
+Backends (skipped when the library is missing):
+
+* ``crl-fp32``, ``crl-bf16``: ``crl._native.search`` / ``search_many`` (bf16 as int16 bits);
+* ``faiss``: ``IndexFlatIP`` with default settings; ``faiss-blas``: the same with
+  ``faiss.cvar.distance_compute_blas_threshold`` lowered to 1 (so small query batches use BLAS);
+* ``numpy``: ``q @ b.T`` + ``argpartition`` + sort of the k;
+* ``torch-fp32``, ``torch-bf16``: ``torch.mm`` + ``topk``.
+
+The per-layer mining shape searches 11 banks (16 queries each) in one ``search_many`` call, against
+a Python loop over 11 FAISS indexes (and over numpy/torch).
+
+The memory read bandwidth is measured with a numpy sum over a large array; for each result the
+roofline fraction is (bank bytes / bandwidth) / time, which is meaningful where the search is
+memory-bound (few queries).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+DEFAULT_SHAPES: list[tuple[int, int, int, int]] = [
+    # (banks, Q, N, d)
+    (1, 1, 100_000, 4096),
+    (1, 16, 65_536, 4096),
+    (1, 256, 65_536, 4096),
+    (1, 1024, 16_384, 2048),
+    (11, 16, 20_000, 4096),
+]
+QUICK_SHAPES: list[tuple[int, int, int, int]] = [
+    (1, 1, 20_000, 256),
+    (1, 16, 8_192, 256),
+    (1, 128, 8_192, 256),
+    (3, 8, 4_000, 256),
+]
+
+
+def _bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (round to nearest even), as int16."""
+    u = x.view(np.uint32)
+    r = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    return r.view(np.int16)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Memory read bandwidth in GB/s: median over numpy sums of a large float32 array."""
+    x = np.ones(nbytes // 4, dtype=np.float32)
+    x.sum()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        ts.append(time.perf_counter() - t0)
+    del x
+    return nbytes / statistics.median(ts) / 1e9
+
+
+@dataclass
+class Case:
+    banks: int
+    q: int
+    n: int
+    d: int
+
+    @property
+    def label(self) -> str:
+        s = f"Q={self.q} N={self.n} d={self.d}"
+        return f"{self.banks}x[{s}]" if self.banks > 1 else s
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.banks * self.q * self.n * self.d
+
+
+def _versions() -> dict:
+    v = {"python": platform.python_version(), "numpy": np.__version__}
+    try:
+        import crl
+
+        v["crl"] = crl.__version__
+    except Exception:  # pragma: no cover
+        pass
+    for mod in ["faiss", "torch"]:
+        try:
+            m = __import__(mod)
+            v[mod] = getattr(m, "__version__", "?")
+        except Exception:
+            v[mod] = None
+    return v
+
+
+def _set_numpy_threads(threads: int):
+    try:
+        from threadpoolctl import threadpool_limits
+
+        return threadpool_limits(threads)
+    except Exception:
+        return None
+
+
+def build_backends(case: Case, k: int, threads: int, want: set[str] | None, rng: np.random.Generator):
+    """Data and one callable per backend (each returns (scores, ids))."""
+    from crl import _native
+
+    L, Q, N, d = case.banks, case.q, case.n, case.d
+    qs = [rng.standard_normal((Q, d), dtype=np.float32) for _ in range(L)]
+    bs = [rng.standard_normal((N, d), dtype=np.float32) for _ in range(L)]
+    qb = [_bf16_bits(x) for x in qs]
+    bb = [_bf16_bits(x) for x in bs]
+    fns: dict[str, Callable] = {}
+    bytes_per = {}
+
+    def add(name, fn, elem_bytes):
+        if want is None or name in want:
+            fns[name] = fn
+            bytes_per[name] = elem_bytes
+
+    if L == 1:
+        add("crl-fp32", lambda: _native.search(qs[0], bs[0], k, threads=threads), 4)
+        add("crl-bf16", lambda: _native.search(qb[0], bb[0], k, threads=threads), 2)
+    else:
+        add("crl-fp32", lambda: _native.search_many(qs, bs, k, threads=threads), 4)
+        add("crl-bf16", lambda: _native.search_many(qb, bb, k, threads=threads), 2)
+
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
+        indexes = []
+        for b in bs:
+            ix = faiss.IndexFlatIP(d)
+            ix.add(b)
+            indexes.append(ix)
+        default_thr = faiss.cvar.distance_compute_blas_threshold
+
+        def faiss_run(blas: bool):
+            def run():
+                faiss.cvar.distance_compute_blas_threshold = 1 if blas else default_thr
+                try:
+                    return [ix.search(q, k) for ix, q in zip(indexes, qs)]
+                finally:
+                    faiss.cvar.distance_compute_blas_threshold = default_thr
+
+            return run
+
+        add("faiss", faiss_run(False), 4)
+        add("faiss-blas", faiss_run(True), 4)
+    except ImportError:
+        pass
+
+    def np_run():
+        out = []
+        for q, b in zip(qs, bs):
+            s = q @ b.T
+            kk = min(k, N)
+            part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+            ps = np.take_along_axis(s, part, 1)
+            o = np.argsort(-ps, axis=1)
+            out.append((np.take_along_axis(ps, o, 1), np.take_along_axis(part, o, 1)))
+        return out
+
+    add("numpy", np_run, 4)
+
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        tq = [torch.from_numpy(x) for x in qs]
+        tb = [torch.from_numpy(x) for x in bs]
+        if want is None or "torch-bf16" in want:
+            tqb = [x.to(torch.bfloat16) for x in tq]
+            tbb = [x.to(torch.bfloat16) for x in tb]
+        else:
+            tqb = tbb = []
+
+        def torch_run(a, b):
+            def run():
+                with torch.inference_mode():
+                    return [torch.mm(x, y.T).topk(min(k, N), dim=1) for x, y in zip(a, b)]
+
+            return run
+
+        add("torch-fp32", torch_run(tq, tb), 4)
+        add("torch-bf16", torch_run(tqb, tbb), 2)
+    except ImportError:
+        pass
+    return fns, bytes_per
+
+
+def run_case(case: Case, k: int, threads: int, repeats: int, want, rng, bw: float) -> list[dict]:
+    fns, bytes_per = build_backends(case, k, threads, want, rng)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():  # warm-up (page faults, pools, FAISS/BLAS init)
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    rows = []
+    for name, t in med.items():
+        bank_bytes = case.banks * case.n * case.d * bytes_per[name]
+        rows.append(
+            {
+                "shape": {"banks": case.banks, "Q": case.q, "N": case.n, "d": case.d, "k": k},
+                "label": case.label,
+                "backend": name,
+                "seconds": t,
+                "all_seconds": times[name],
+                "gflops": case.flops / t / 1e9,
+                "gbps": bank_bytes / t / 1e9,
+                "roofline_fraction": (bank_bytes / (bw * 1e9)) / t if bw > 0 else None,
+                "ratio_to_faiss": (med["faiss"] / t) if "faiss" in med else None,
+                "ratio_to_faiss_blas": (med["faiss-blas"] / t) if "faiss-blas" in med else None,
+            }
+        )
+    del fns
+    gc.collect()
+    return rows
+
+
+def evaluate_targets(results: list[dict]) -> list[dict]:
+    """The issue's performance targets, checked on the measured medians."""
+
+    def get(backend, pred):
+        return [r for r in results if r["backend"] == backend and pred(r["shape"])]
+
+    out = []
+
+    def target(name, rows, key, need):
+        for r in rows:
+            v = r.get(key)
+            if v is None:
+                continue
+            out.append({"target": name, "shape": r["label"], "value": v, "required": need, "met": v >= need})
+
+    single = lambda s: s["banks"] == 1  # noqa: E731
+    target("fp32 >= 1.0x FAISS at Q >= 256", get("crl-fp32", lambda s: single(s) and s["Q"] >= 256), "ratio_to_faiss", 1.0)
+    target("fp32 >= 4x FAISS default at Q = 16", get("crl-fp32", lambda s: single(s) and s["Q"] == 16), "ratio_to_faiss", 4.0)
+    target("bf16 >= 1.6x FAISS fp32 at Q >= 256", get("crl-bf16", lambda s: single(s) and s["Q"] >= 256), "ratio_to_faiss", 1.6)
+    target("bf16 >= 70% memory roofline at Q <= 16", get("crl-bf16", lambda s: single(s) and s["Q"] <= 16), "roofline_fraction", 0.7)
+    target("11-bank call >= 3x Python loop over FAISS", get("crl-fp32", lambda s: s["banks"] > 1), "ratio_to_faiss", 3.0)
+    return out
+
+
+def _print_table(results: list[dict], targets: list[dict], meta: dict) -> None:
+    header = ["shape", "backend", "ms", "GFLOP/s", "GB/s", "roofline", "x FAISS", "x FAISS-BLAS"]
+    rows = []
+    for r in results:
+        f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+        rows.append(
+            [r["label"], r["backend"], f(r["seconds"] * 1e3, ".1f"), f(r["gflops"], ".1f"), f(r["gbps"], ".1f"),
+             f(r["roofline_fraction"], ".0%"), f(r["ratio_to_faiss"], ".2f"), f(r["ratio_to_faiss_blas"], ".2f")]
+        )
+    m = meta
+    title = (f"exact top-{m['k']} mining - {m['cpu']} - {m['threads']} threads - read {m['read_gbps']:.1f} GB/s - "
+             f"load {m['load_before'][0]:.2f}/{m['load_after'][0]:.2f}")
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=title)
+        for h in header:
+            t.add_column(h, justify="left" if h in ("shape", "backend") else "right", no_wrap=True)
+        for row in rows:
+            t.add_row(*row)
+        c = Console(width=max(140, Console().width))
+        c.print(t)
+        if targets:
+            tt = Table(title="targets")
+            for h in ["target", "shape", "value", "required", "met"]:
+                tt.add_column(h)
+            for x in targets:
+                tt.add_row(x["target"], x["shape"], f"{x['value']:.2f}", f"{x['required']:.2f}", "yes" if x["met"] else "NO")
+            c.print(tt)
+        return
+    except ImportError:
+        pass
+    print(title)
+    w = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)] if rows else [len(h) for h in header]
+    print("  ".join(h.ljust(w[i]) for i, h in enumerate(header)))
+    for row in rows:
+        print("  ".join(c.ljust(w[i]) for i, c in enumerate(row)))
+    for x in targets:
+        print(f"{'ok ' if x['met'] else 'MISS'} {x['target']} [{x['shape']}]: {x['value']:.2f} (need {x['required']:.2f})")
+
+
+def parse_shape(s: str) -> tuple[int, int, int, int]:
+    """'Q,N,d' or 'LxQ,N,d' (L banks)."""
+    banks = 1
+    if "x" in s:
+        b, s = s.split("x", 1)
+        banks = int(b)
+    q, n, d = (int(v) for v in s.split(","))
+    return banks, q, n, d
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="crl bench mining", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small shapes (smoke test, seconds)")
+    p.add_argument("--output", default="results/mining.json", help="JSON output path (default %(default)s)")
+    p.add_argument("--k", type=int, default=10, help="results per query (default %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="threads for every backend (default: all cores)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per backend (default 7, quick 3)")
+    p.add_argument("--shape", action="append", type=parse_shape, default=None,
+                   help="'Q,N,d' or 'LxQ,N,d' (L banks); repeatable; replaces the default shapes")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated subset of crl-fp32,crl-bf16,faiss,faiss-blas,numpy,torch-fp32,torch-bf16")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+
+    from crl import _native
+
+    threads = a.threads or _native.default_threads()
+    repeats = a.repeats or (3 if a.quick else 7)
+    shapes = a.shape or (QUICK_SHAPES if a.quick else DEFAULT_SHAPES)
+    want = set(a.backends.split(",")) if a.backends else None
+    limiter = _set_numpy_threads(threads)
+    rng = np.random.default_rng(a.seed)
+
+    load_before = os.getloadavg()
+    bw = read_bandwidth(1 << 26 if a.quick else 1 << 30)
+    results: list[dict] = []
+    for banks, q, n, d in shapes:
+        case = Case(banks, q, n, d)
+        print(f"... {case.label}", file=sys.stderr, flush=True)
+        results.extend(run_case(case, a.k, threads, repeats, want, rng, bw))
+    load_after = os.getloadavg()
+    targets = [] if a.quick else evaluate_targets(results)
+    meta = {
+        "cpu": cpu_model(),
+        "threads": threads,
+        "read_gbps": bw,
+        "simd_path": _native.simd_path(),
+        "simd_paths": _native.simd_paths(),
+        "k": a.k,
+        "repeats": repeats,
+        "load_before": list(load_before),
+        "load_after": list(load_after),
+        "versions": _versions(),
+        "quick": a.quick,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    out = Path(a.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": meta, "results": results, "targets": targets}, indent=2))
+    _print_table(results, targets, meta)
+    print(f"wrote {out}", file=sys.stderr)
+    del limiter
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
