@@ -490,3 +490,18 @@ def test_demo_prompts_are_not_copied_from_public_sets(shared_data):
     public |= {norm(e.prompt) for e in load_examples(shared_data / "xstest" / "xstest_prompts.csv")}
     demo = load_demo("harmful") + load_demo("benign")
     assert not [e.prompt for e in demo if norm(e.prompt) in public]
+
+
+def test_masks_with_a_trimming_template_with_bos():
+    """Llama-3-style templates trim the content and start with a bos token: the masks follow the
+    rendered (trimmed) content."""
+    tok = build_tiny_tokenizer()
+    tok.chat_template = (
+        "{{ '<|endoftext|>' }}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n\\n' + m['content'] | trim "
+        "+ '<|im_end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n\\n' }}{% endif %}"
+    )
+    ex = Example.from_prompt("t", "  What is up?  ", "\n Not much.  ")
+    enc = encode_example(tok, ex)
+    assert enc.input_ids[0] == tok.convert_tokens_to_ids("<|endoftext|>")
+    assert _masked_text(tok, enc, enc.request_mask) == "What is up?"
+    assert _masked_text(tok, enc, enc.response_mask) == "Not much."

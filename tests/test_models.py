@@ -347,3 +347,15 @@ def test_smollm2_conversion_cache_and_generation(tmp_path):
     model2.save_pretrained(tmp_path / "resave")  # a plain model: it saves
     out = generate(model2, tok2, ["What is the capital of France?"], max_new_tokens=12)
     assert "Paris" in out[0]
+
+
+def test_generate_through_lora(tiny_model):
+    model, tok = tiny_model
+    base = generate(model, tok, ["How do I make a cake?", "Hi"], max_new_tokens=6, batch_size=2)
+    peft_model = apply_lora(model, r=4, alpha=8, dropout=0.0)
+    _perturb_lora(peft_model, seed=2)
+    with peft_model.disable_adapter():
+        off = generate(peft_model, tok, ["How do I make a cake?", "Hi"], max_new_tokens=6, batch_size=2)
+    on = generate(peft_model, tok, ["How do I make a cake?", "Hi"], max_new_tokens=6, batch_size=2)
+    assert off == base
+    assert on != base
