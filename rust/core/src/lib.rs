@@ -503,7 +503,7 @@ fn search_in_pool(
         let per_sb = (SUPERBLOCK_BYTES / panel_bytes).max(1);
         let nsb = pk.panels.div_ceil(per_sb);
         // enough chunks for load balance, but chunks of at least a few micro-blocks
-        let want = (4 * threads).div_ceil(njobs_with_q * nsb).max(1);
+        let want = (16 * threads).div_ceil(njobs_with_q * nsb).max(1);
         let min_rows = g.rows * 8;
         let mut chunk = round_up(j.n.div_ceil(want), g.rows).max(min_rows);
         chunk = chunk.min(round_up(j.n, g.rows));
