@@ -1,0 +1,1 @@
+"""Ready training configurations shipped with the package (the demo's among them)."""

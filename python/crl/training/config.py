@@ -1,0 +1,202 @@
+"""The training configuration: every hyperparameter of a run, validated when loaded.
+
+Layers follow the convention used throughout crl: layer l is `hidden_states[l]` of transformers'
+`output_hidden_states=True` (0 = embeddings, l >= 1 = the output of decoder layer l - 1), as in the
+Circuit Breakers and CRL reference code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from crl.config import ConfigError, apply_overrides, from_dict, load_config_file, require, to_dict
+from crl.losses.distances import DISTANCES
+
+Method = Literal["crl", "circuit_breakers", "repbend"]
+TokenSelection = Literal["response", "request", "last_request", "first_response"]
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2"
+    """`smollm2`, `tiny`, `tiny:SEED`, a local Hugging Face folder or a .gguf file."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights' dtype. On a GPU bf16 autocast is used for the forward passes in any case."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    layers: list[int] | None = None
+    """Decoder layers (0-based) that get adapters; None = every layer that feeds the last loss layer."""
+
+    def validate(self) -> None:
+        require(self.r >= 1, "r", "an integer >= 1", self.r)
+        require(self.alpha >= 1, "alpha", "an integer >= 1", self.alpha)
+        require(0.0 <= self.dropout < 1.0, "dropout", "a number in [0, 1)", self.dropout)
+        require(len(self.target_modules) > 0, "target_modules", "a non-empty list of module names", self.target_modules)
+
+
+@dataclass
+class DataConfig:
+    pools: str = "demo"
+    """A folder with harmful.jsonl, benign.jsonl and retain.jsonl (from `crl data build`), or `demo`
+    to build the built-in demo pools with the base model (cached in the run folder)."""
+    max_length: int = 256
+    """Tokens per sequence at most (the response is cut first); batches pad to their longest."""
+    batch_size: int = 4
+    """Sequences per micro-batch from each pool (benign, harmful, retain)."""
+    generation_max_new_tokens: int = 64
+    """Length of the model's own completions when the demo pools are built."""
+
+    def validate(self) -> None:
+        require(self.max_length >= 8, "max_length", "an integer >= 8", self.max_length)
+        require(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
+
+
+@dataclass
+class Schedule:
+    """A coefficient: constant (`end` unset) or linear from `start` to `end` over the run."""
+
+    start: float
+    end: float | None = None
+
+    def at(self, progress: float) -> float:
+        return self.start if self.end is None else self.start + (self.end - self.start) * progress
+
+
+@dataclass
+class LossConfig:
+    method: Method = "crl"
+    target_layers: list[int] = field(default_factory=lambda: [8, 12, 16])
+    """Layers of the harmful term (and of Circuit Breakers' rerouting)."""
+    benign_layers: list[int] | None = None
+    """Layers of the benign term; None = the target layers."""
+    tokens: TokenSelection = "response"
+    first_response_tokens: int = 16
+    """With tokens = first_response: how many response tokens."""
+    # CRL triplets
+    benign_positive_distance: str = "l2"
+    benign_negative_distance: str = "cosine"
+    harmful_positive_distance: str = "cosine"
+    harmful_negative_distance: str = "cosine"
+    mix_weight: float = 1.0
+    benign_margin: float = 0.5
+    harmful_margin: float = 0.5
+    normalize_layer_scale: bool = True
+    """Divide each layer's states by the mean norm of the frozen model's states there, so that l2
+    distances (and their margins) are relative to the layer's scale, which grows with depth."""
+    alpha: Schedule = field(default_factory=lambda: Schedule(0.5))
+    """Benign term (CRL), Circuit Breakers' coefficient, RepBend's benign-distance term."""
+    beta: Schedule = field(default_factory=lambda: Schedule(0.6))
+    """Harmful term (CRL), RepBend's harmful-distance term."""
+    gamma: Schedule = field(default_factory=lambda: Schedule(0.7))
+    """Retain KL (CRL), RepBend's harmful-cosine term."""
+    epsilon: Schedule = field(default_factory=lambda: Schedule(1.0))
+    """RepBend's retain KL."""
+    kl_temperature: float = 2.0
+
+    def validate(self) -> None:
+        require(len(self.target_layers) > 0, "target_layers", "a non-empty list of layers", self.target_layers)
+        require(all(l >= 1 for l in self.target_layers), "target_layers", "layers >= 1", self.target_layers)
+        if self.benign_layers is not None:
+            require(all(l >= 1 for l in self.benign_layers), "benign_layers", "layers >= 1", self.benign_layers)
+        for name in (
+            "benign_positive_distance", "benign_negative_distance",
+            "harmful_positive_distance", "harmful_negative_distance",
+        ):
+            value = getattr(self, name)
+            require(value in DISTANCES, name, "one of " + ", ".join(DISTANCES), value)
+        require(self.kl_temperature > 0, "kl_temperature", "a number > 0", self.kl_temperature)
+        require(self.first_response_tokens >= 1, "first_response_tokens", "an integer >= 1", self.first_response_tokens)
+
+    @property
+    def resolved_benign_layers(self) -> list[int]:
+        return list(self.benign_layers) if self.benign_layers is not None else list(self.target_layers)
+
+    @property
+    def captured_layers(self) -> list[int]:
+        """Every layer a hidden-state pass must capture (the union of both terms' layers)."""
+        return sorted(set(self.target_layers) | set(self.resolved_benign_layers))
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    max_grad_norm: float = 1.0
+    max_steps: int = 100
+    """Optimizer steps (every schedule is counted in optimizer steps, not micro-batches)."""
+    grad_accumulation: int = 1
+
+    def validate(self) -> None:
+        require(self.lr > 0, "lr", "a number > 0", self.lr)
+        require(self.max_steps >= 1, "max_steps", "an integer >= 1", self.max_steps)
+        require(self.grad_accumulation >= 1, "grad_accumulation", "an integer >= 1", self.grad_accumulation)
+        require(self.warmup_steps >= 0, "warmup_steps", "an integer >= 0", self.warmup_steps)
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    checkpoint_every: int = 25
+    """Optimizer steps between checkpoints (a killed run loses at most this many steps)."""
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+    def validate(self) -> None:
+        require(self.checkpoint_every >= 1, "checkpoint_every", "an integer >= 1", self.checkpoint_every)
+        require(self.keep_checkpoints >= 1, "keep_checkpoints", "an integer >= 1", self.keep_checkpoints)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any], *, source: str = "<config>") -> "TrainConfig":
+        return _with_schedules(cls, data, source)
+
+
+def _with_schedules(cls: type[TrainConfig], data: dict[str, Any], source: str) -> TrainConfig:
+    # Coefficients may be written as a plain number (constant) or as {start, end}.
+    loss = data.get("loss")
+    if isinstance(loss, dict):
+        loss = dict(loss)
+        for name in ("alpha", "beta", "gamma", "epsilon"):
+            if isinstance(loss.get(name), (int, float)) and not isinstance(loss.get(name), bool):
+                loss[name] = {"start": float(loss[name])}
+        data = {**data, "loss": loss}
+    return from_dict(cls, data, source=source)
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Load a TOML/YAML training config (or the defaults when path is None) with --set overrides."""
+    data = load_config_file(path) if path is not None else {}
+    source = str(path) if path is not None else "<defaults>"
+    if overrides:
+        apply_overrides(data, overrides)
+    return TrainConfig.from_data(data, source=source)
+
+
+__all__ = [
+    "ConfigError", "DataConfig", "LoraConfig", "LossConfig", "ModelConfig", "OptimConfig",
+    "RunConfig", "Schedule", "TrainConfig", "load_train_config",
+]

@@ -1,0 +1,66 @@
+"""What a finished run leaves behind besides its adapter: a model card, and merged models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from crl.training.config import TrainConfig, load_train_config
+
+
+def write_model_card(run_dir: Path, config: TrainConfig) -> None:
+    metrics_path = run_dir / "metrics.jsonl"
+    last: dict = {}
+    if metrics_path.exists():
+        lines = [ln for ln in metrics_path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if lines:
+            last = json.loads(lines[-1])
+    loss = config.loss
+    shown = ", ".join(f"{k} = {v:.4g}" for k, v in sorted(last.items()) if k.startswith(("loss", "active")))
+    card = f"""---
+library_name: peft
+base_model: {config.model.name}
+tags: [crl, safety, lora, representation-engineering]
+---
+# {loss.method} adapter for {config.model.name}
+
+A LoRA adapter trained with crl (method `{loss.method}`): contrastive representation learning
+against harmful requests (Simko et al., arXiv 2506.11938).
+
+- target layers: {loss.target_layers}; benign layers: {loss.resolved_benign_layers}; tokens: {loss.tokens}
+- LoRA r {config.lora.r}, alpha {config.lora.alpha}, dropout {config.lora.dropout} on {", ".join(config.lora.target_modules)}
+- {config.optim.max_steps} optimizer steps, lr {config.optim.lr}, batch {config.data.batch_size} per pool x {config.optim.grad_accumulation} accumulation
+- final metrics: {shown or "n/a"}
+
+Load it with `PeftModel.from_pretrained(base_model, "{run_dir.name}/adapter")`, or merge it with
+`crl merge {run_dir.name} OUT_DIR`. The full resolved configuration is in `config.json`, and the
+per-step metrics in `metrics.jsonl`.
+"""
+    (run_dir / "README.md").write_text(card, encoding="utf-8")
+
+
+def load_run_config(run_dir: Path) -> TrainConfig:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a crl run folder (no config.json)")
+    return load_train_config(path)
+
+
+def merge_adapter(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write the base model with the run's adapter merged in, plus its tokenizer, to out_dir."""
+    from peft import PeftModel
+
+    from crl.models import load_model
+    from crl.training.trainer import DTYPES
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    adapter = run_dir / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter}: no finished adapter (adapter_config.json missing); did the run finish?")
+    config = load_run_config(run_dir)
+    base, tokenizer = load_model(config.model.name, dtype=DTYPES[config.model.dtype])
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir

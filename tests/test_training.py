@@ -1,0 +1,200 @@
+"""The training loop on the tiny model: it learns, resumes exactly, checkpoints atomically, exports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from crl.config import ConfigError
+from crl.data import Example, Pools, load_demo, save_pools
+from crl.models import build_tiny_llama
+from crl.training.config import TrainConfig, load_train_config
+from crl.training.trainer import Trainer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def pools_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small hand-made pools (no generation): harmful requests with compliant answers, benign ones."""
+    harmful = [
+        ex.with_response(f"Sure, here is how to do it. Step one: {ex.prompt.lower()[:40]}. Step two: proceed.")
+        for ex in load_demo("harmful", "train")[:12]
+    ]
+    benign_prompts = load_demo("benign", "train")[:12]
+    benign = [ex.with_response("Happy to help. Here is a short, clear answer to your question.") for ex in benign_prompts]
+    refusals = [
+        Example.from_prompt(f"refusal-{ex.id}", ex.prompt, "I can't help with that request.")
+        for ex in harmful[:4]
+    ]
+    path = tmp_path_factory.mktemp("pools")
+    save_pools(Pools(harmful=harmful, benign=benign + refusals, retain=benign), path)
+    return path
+
+
+def tiny_config(pools: Path, **overrides: object) -> TrainConfig:
+    sets = [f'data.pools="{pools}"', "optim.max_steps=6", "run.checkpoint_every=3", "lora.dropout=0.1"]
+    sets += [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
+    return load_train_config(REPO / "configs" / "tiny.toml", sets)
+
+
+def run(config: TrainConfig, out: Path, *, resume: bool = False, max_steps: int | None = None) -> Trainer:
+    model, tokenizer = build_tiny_llama(seed=0)
+    trainer = Trainer(config, out, resume=resume, model=model, tokenizer=tokenizer)
+    trainer.train(max_steps=max_steps)
+    return trainer
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_resume_equals_uninterrupted_run(tmp_path: Path, pools_dir: Path) -> None:
+    config = tiny_config(pools_dir)
+    run(config, tmp_path / "straight")
+    run(config, tmp_path / "split", max_steps=3)
+    assert [m["step"] for m in metrics(tmp_path / "split")] == [1, 2, 3]
+    run(config, tmp_path / "split", resume=True)
+    straight, split = metrics(tmp_path / "straight"), metrics(tmp_path / "split")
+    assert [m["step"] for m in split] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(straight, split):
+        for key in ("loss", "loss_benign", "loss_harmful", "loss_kl", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+
+
+def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path: Path, pools_dir: Path) -> None:
+    config = tiny_config(pools_dir)
+    run(config, tmp_path, max_steps=4)  # checkpoint at 3, metrics up to 4
+    assert len(metrics(tmp_path)) == 4
+    run(config, tmp_path, resume=True)
+    assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path: Path, pools_dir: Path) -> None:
+    config = tiny_config(pools_dir)
+    run(config, tmp_path, max_steps=3)
+    # A run killed while writing its next checkpoint leaves a temporary folder behind.
+    (tmp_path / "checkpoints" / ".step-000006.abc").mkdir()
+    (tmp_path / "checkpoints" / ".step-000006.abc" / "adapter.safetensors").write_bytes(b"partial")
+    trainer = run(config, tmp_path, resume=True)
+    assert trainer.step == 6
+
+
+def test_refuses_to_overwrite_a_run_without_resume(tmp_path: Path, pools_dir: Path) -> None:
+    config = tiny_config(pools_dir)
+    run(config, tmp_path, max_steps=3)
+    with pytest.raises(ConfigError, match="--resume"):
+        run(config, tmp_path)
+
+
+def test_crl_lowers_its_loss(tmp_path: Path, pools_dir: Path) -> None:
+    config = tiny_config(pools_dir, **{"optim.max_steps": 24, "optim.lr": 5e-3, "run.checkpoint_every": 24})
+    run(config, tmp_path)
+    m = metrics(tmp_path)
+    first = sum(x["loss_harmful"] for x in m[:4]) / 4
+    last = sum(x["loss_harmful"] for x in m[-4:]) / 4
+    assert last < 0.8 * first, (first, last)
+
+
+@pytest.mark.parametrize("method", ["circuit_breakers", "repbend"])
+def test_baselines_train_and_log_their_terms(tmp_path: Path, pools_dir: Path, method: str) -> None:
+    config = tiny_config(pools_dir, **{"loss.method": method, "optim.max_steps": 2})
+    run(config, tmp_path)
+    m = metrics(tmp_path)
+    keys = {"circuit_breakers": ("loss_retain", "loss_reroute"), "repbend": ("loss_harmful_distance", "loss_kl")}[method]
+    for key in keys:
+        assert all(torch.isfinite(torch.tensor(x[key])) for x in m)
+    if method == "circuit_breakers":
+        # c_rr = alpha (1 - t) with t = step / (2 * total)
+        assert m[0]["coef_reroute"] == pytest.approx(0.5)
+        assert m[1]["coef_reroute"] == pytest.approx(0.5 * (1 - 0.25))
+
+
+def test_finished_run_exports_a_peft_adapter_and_merges(tmp_path: Path, pools_dir: Path) -> None:
+    from peft import PeftModel
+
+    from crl.training.export import merge_adapter
+
+    config = tiny_config(pools_dir, **{"optim.max_steps": 2, "model.name": "tiny"})
+    trainer = run(config, tmp_path / "run")
+    assert (tmp_path / "run" / "README.md").is_file()
+    base, tokenizer = build_tiny_llama(seed=0)
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "run" / "adapter"))
+    ids = tokenizer("hello there", return_tensors="pt").input_ids
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    trained.eval()
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, trained(ids).logits, atol=1e-5)
+    merged_dir = merge_adapter(tmp_path / "run", tmp_path / "merged")
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir))
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, trained(ids).logits, atol=1e-4)
+
+
+def test_metrics_log_every_term(tmp_path: Path, pools_dir: Path) -> None:
+    config = tiny_config(pools_dir, **{"optim.max_steps": 1})
+    run(config, tmp_path)
+    (m,) = metrics(tmp_path)
+    for key in (
+        "loss", "loss_benign", "loss_harmful", "loss_kl", "active_benign", "active_harmful",
+        "benign_d_pos", "benign_d_neg", "harmful_d_pos", "harmful_d_neg", "lr", "seconds_per_step",
+        "seconds_frozen_pass", "seconds_trained_pass",
+    ):
+        assert key in m, key
+    assert 0.0 <= m["active_harmful"] <= 1.0
+
+
+def test_config_errors_name_the_file_and_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[loss]\nmargn = 1.0\n")
+    with pytest.raises(ConfigError, match=r"bad.toml: loss: unknown key\(s\) 'margn'"):
+        load_train_config(bad)
+    bad.write_text("[optim]\nlr = 'fast'\n")
+    with pytest.raises(ConfigError, match=r"bad.toml: optim.lr: expected a number"):
+        load_train_config(bad)
+    bad.write_text("[loss]\nbenign_positive_distance = 'manhattan'\n")
+    with pytest.raises(ConfigError, match=r"bad.toml: loss: benign_positive_distance: expected one of"):
+        load_train_config(bad)
+    bad.write_text("[loss]\nmethod = 'magic'\n")
+    with pytest.raises(ConfigError, match=r"loss.method: expected one of 'crl'"):
+        load_train_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_train_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="--set"):
+        load_train_config(None, ["optim.lr"])
+
+
+@pytest.mark.parametrize("name", ["tiny.toml", "demo-smollm2.toml", "llama3-8b-instruct.toml", "mistral-7b-instruct.toml"])
+def test_ready_configs_load(name: str) -> None:
+    config = load_train_config(REPO / "configs" / name)
+    assert config.optim.max_steps >= 1
+
+
+def test_yaml_config_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("loss:\n  method: repbend\n  alpha: {start: 1.0, end: 0.0}\noptim:\n  lr: 0.01\n")
+    config = load_train_config(path, ["optim.max_steps=7"])
+    assert config.loss.method == "repbend" and config.optim.max_steps == 7
+    assert config.loss.alpha.at(0.5) == pytest.approx(0.5)
+
+
+def test_token_selection_modes() -> None:
+    from crl.data import Batch
+    from crl.training.step import token_selection
+
+    response = torch.tensor([[False, False, True, True, True], [False, True, True, False, False]])
+    request = torch.tensor([[True, True, False, False, False], [True, False, False, False, False]])
+    batch = Batch(torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long), request, response)
+    assert token_selection(batch, "response", 0).equal(response)
+    assert token_selection(batch, "last_request", 0).tolist() == [
+        [False, True, False, False, False], [True, False, False, False, False]
+    ]
+    assert token_selection(batch, "first_response", 2).tolist() == [
+        [False, False, True, True, False], [False, True, True, False, False]
+    ]
