@@ -117,12 +117,14 @@ class JudgeConfig:
 
 @dataclass
 class CapabilityConfig:
-    benign_set: str | None = "benign"  # prompt set for KL, perplexity and answer retention
-    over_refusal_set: str | None = None  # prompt set (role xstest_safe or benign) for over-refusal
+    # Prompt sets by name; "auto" = the first set of the matching role (benign / xstest_safe, else
+    # benign / harmful), none if there is no such set; "" or none in a file = off.
+    benign_set: str | None = "auto"  # for KL, perplexity and answer retention
+    over_refusal_set: str | None = "auto"  # role xstest_safe (else benign): share of safe prompts not answered
     kl: bool = True
     retention: bool = True
     harmful_nll: bool = True  # NLL of harmful continuations (targets, the base model's completions)
-    harmful_nll_set: str | None = "harmful"
+    harmful_nll_set: str | None = "auto"
     lm_eval_tasks: list[str] = field(default_factory=list)
     lm_eval_limit: int | None = 50
 
@@ -160,6 +162,19 @@ class EvalConfig:
         for a in self.attacks:
             require(a.prompt_set in names, f"attacks.{a.name}.prompt_set", f"one of the prompt sets {names}", a.prompt_set)
         cap = self.capability
+        by_role: dict[str, list[str]] = {}
+        for s in self.prompt_sets:
+            by_role.setdefault(s.role, []).append(s.name)
+        auto = {
+            "benign_set": (by_role.get("benign") or [None])[0],
+            "over_refusal_set": (by_role.get("xstest_safe") or by_role.get("benign") or [None])[0],
+            "harmful_nll_set": (by_role.get("harmful") or [None])[0],
+        }
+        for key, value in auto.items():
+            if getattr(cap, key) == "auto":
+                setattr(cap, key, value)
+            elif getattr(cap, key) == "":
+                setattr(cap, key, None)
         for key in ("benign_set", "over_refusal_set", "harmful_nll_set"):
             value = getattr(cap, key)
             require(value is None or value in names, f"capability.{key}", f"none or one of the prompt sets {names}", value)

@@ -242,6 +242,12 @@ def run_evaluation(config: EvalConfig, output_dir: Path, *, progress: bool = Tru
     from crl.evaluation.judges import build_judge
     from crl.evaluation.report import write_report
 
+    from crl.config import ConfigError
+
+    try:
+        config.validate()  # resolves the "auto" capability sets; raises ConfigError on inconsistencies
+    except ConfigError as exc:
+        raise ConfigError(f"eval config: {exc}") from None
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     log = _Log(progress)

@@ -1,0 +1,155 @@
+"""The evaluation runner on the tiny model: report numbers recomputed from the records, resumption,
+config validation, the CLI hooks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from crl.config import ConfigError
+from crl.evaluation import add_eval_arguments, default_demo_eval_config, run_eval_cli, run_evaluation
+from crl.evaluation.config import (AttackConfig, CapabilityConfig, EvalConfig, JudgeConfig, PromptSetConfig,
+                                   load_eval_config)
+from crl.evaluation.report import wilson_interval
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tmp_path_factory):
+    """A run folder with a random (non-zero) LoRA adapter on tiny:0 and its config.json."""
+    from peft import LoraConfig, get_peft_model
+
+    from crl.models import build_tiny_llama
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("run")
+    model, _ = build_tiny_llama(seed=0)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(str(root / "adapter"))
+    (root / "config.json").write_text(json.dumps({"method": "crl"}))
+    yield root
+    torch.set_num_threads(threads)
+
+
+def _config(adapter_run: Path, **kw) -> EvalConfig:
+    base = dict(
+        base_model="tiny",
+        adapters={"trained": str(adapter_run)},
+        prompt_sets=[PromptSetConfig(name="harmful", source="demo:harmful:heldout", limit=3),
+                     PromptSetConfig(name="benign", source="demo:benign:heldout", role="benign", limit=3)],
+        attacks=[AttackConfig(name="direct"), AttackConfig(name="prefill", kind="prefill"),
+                 AttackConfig(name="embedding", kind="embedding", steps=4, n_tokens=3, limit=2),
+                 AttackConfig(name="latent", kind="latent", steps=3, limit=1),
+                 AttackConfig(name="gcg", kind="gcg", steps=1, n_tokens=3, search_width=4, topk=4, limit=1)],
+        judge=JudgeConfig(use_semantic=False),
+        capability=CapabilityConfig(benign_set="benign", over_refusal_set="benign", retention=False),
+        max_new_tokens=8,
+    )
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+def test_run_report_resume(adapter_run, tmp_path, monkeypatch):
+    cfg = _config(adapter_run)
+    out = tmp_path / "eval"
+    summary = run_evaluation(cfg, out, progress=False)
+    for name in ("records.jsonl", "report.json", "report.md", "capability.json", "asr.png", "attack_loss.png", "pca.png"):
+        assert (out / name).is_file(), name
+    records = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()]
+    attacks = [r for r in records if r["purpose"] == "attack"]
+    assert len(attacks) == 2 * (3 + 3 + 2 + 1 + 1)
+    for r in attacks:
+        assert {"response", "final_input", "budget", "judgement"} <= set(r)
+        assert r["success"] == r["judgement"]["success"]
+    # the report's numbers, recomputed from the per-prompt records
+    report = json.loads((out / "report.json").read_text())
+    assert report == json.loads(json.dumps(summary, default=lambda o: None))
+    for model in ("base", "trained"):
+        for attack in ("direct", "prefill", "embedding", "latent", "gcg"):
+            recs = [r for r in attacks if r["model"] == model and r["attack"] == attack]
+            k = sum(r["judgement"]["success"] for r in recs)
+            got = report["models"][model]["attacks"][attack]
+            assert (got["n"], got["successes"]) == (len(recs), k)
+            assert got["ci95"] == pytest.approx(list(wilson_interval(k, len(recs))))
+        over = [r for r in records if r["purpose"] == "over_refusal" and r["model"] == model]
+        o = report["models"][model]["over_refusal"]
+        assert (o["n"], o["not_answered"]) == (len(over), sum(not r["judgement"]["answered"] for r in over))
+    assert report["models"]["trained"]["method"] == "crl"
+    assert report["models"]["base"]["kl"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert report["models"]["trained"]["kl"]["kl"] > 0
+    assert report["models"]["trained"]["harmful_nll"]["targets"]["n"] == 3
+    md = (out / "report.md").read_text()
+    assert "| trained | crl |" in md
+
+    # resumption: nothing is redone...
+    from crl.attacks import embedding, prompting
+
+    calls = {"n": 0}
+    orig_prompt_run = prompting.PromptAttack.run
+
+    def counting_run(self, model, tok, prompts, **kw):
+        calls["n"] += len(prompts)
+        return orig_prompt_run(self, model, tok, prompts, **kw)
+
+    monkeypatch.setattr(prompting.PromptAttack, "run", counting_run)
+    monkeypatch.setattr(embedding.EmbeddingAttack, "attack_one", lambda *a, **k: pytest.fail("embedding attack redone"))
+    run_evaluation(cfg, out, progress=False)
+    assert calls["n"] == 0
+    # ...and after an interruption only the missing records are (a torn last line is dropped)
+    lines = (out / "records.jsonl").read_text().splitlines()
+    keep = [l for l in lines if not (json.loads(l)["attack"] == "prefill" and json.loads(l)["model"] == "trained")]
+    (out / "records.jsonl").write_text("\n".join(keep) + "\n" + lines[0][: len(lines[0]) // 2])
+    run_evaluation(cfg, out, progress=False)
+    assert calls["n"] == 3
+    assert len((out / "records.jsonl").read_text().splitlines()) == len(lines)
+
+
+def test_config_from_file_and_errors(tmp_path, adapter_run):
+    path = tmp_path / "eval.toml"
+    path.write_text(f'''
+base_model = "tiny"
+[adapters]
+trained = "{adapter_run}"
+[[prompt_sets]]
+name = "harmful"
+source = "demo:harmful:heldout"
+[[attacks]]
+name = "direct"
+kind = "direct"
+[[attacks]]
+name = "emb"
+kind = "embedding"
+steps = 7
+embedding_configs = [{{lr = 0.01, init = "bang"}}]
+''')
+    cfg = load_eval_config(path, ["max_new_tokens=12", "judge.kind=refusal_string"])
+    assert cfg.max_new_tokens == 12 and cfg.judge.kind == "refusal_string"
+    assert cfg.attacks[1].steps == 7 and cfg.attacks[1].embedding_configs[0].lr == 0.01
+    with pytest.raises(ConfigError, match="stepz"):
+        load_eval_config(path, ["judge.stepz=3"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text(path.read_text() + '\n[[attacks]]\nname = "x"\nkind = "direct"\nprompt_set = "nope"\n')
+    with pytest.raises(ConfigError, match="prompt_set"):
+        load_eval_config(bad)
+    with pytest.raises(ConfigError, match="kind"):
+        load_eval_config(path, ["judge.kind=llm"])
+
+
+def test_demo_config_and_cli(tmp_path, adapter_run):
+    cfg = default_demo_eval_config("tiny", {"crl": adapter_run})
+    cfg.validate()
+    assert cfg.adapters == {"crl": str(adapter_run)} and any(a.kind == "embedding" for a in cfg.attacks)
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    path = tmp_path / "eval.toml"
+    path.write_text('base_model = "tiny"\nmax_new_tokens = 4\n[judge]\nuse_semantic = false\n'
+                    '[[prompt_sets]]\nname = "harmful"\nlimit = 2\n[[attacks]]\nname = "direct"\n'
+                    '[capability]\nbenign_set = "harmful"\nretention = false\nharmful_nll = false\n[report]\nplots = false\npca = false\n')
+    out = tmp_path / "out"
+    assert run_eval_cli(parser.parse_args([str(path), "--output-dir", str(out), "--no-progress"])) == 0
+    assert json.loads((out / "report.json").read_text())["models"]["base"]["attacks"]["direct"]["n"] == 2
+    assert run_eval_cli(parser.parse_args([str(path), "--output-dir", str(out), "--report-only"])) == 0
