@@ -68,8 +68,11 @@ def _check_ids(examples: Sequence[Example], what: str) -> None:
 
 
 def _model_name(model: Any) -> str:
+    """A short model identity for build.json: the last part of its name or path (so that the same model
+    from another cache folder still resumes)."""
     cfg = getattr(model, "config", None)
-    return str(getattr(cfg, "name_or_path", "") or getattr(cfg, "_name_or_path", "") or type(model).__name__)
+    name = str(getattr(cfg, "name_or_path", "") or getattr(cfg, "_name_or_path", "") or type(model).__name__)
+    return Path(name.rstrip("/\\")).name or name
 
 
 def build_pools(
@@ -219,7 +222,7 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     """Arguments of ``crl data build``."""
     parser.add_argument("--model", default="smollm2", help="model spec: smollm2, tiny[:SEED], a folder or a .gguf file")
     parser.add_argument("--harmful", nargs="+", action="extend", metavar="FILE", default=[],
-                        help="harmful prompt files (JSONL, AdvBench/HarmBench CSV); default: the demo train split")
+                        help="harmful prompt files (JSONL, AdvBench/HarmBench CSV, XSTest: its 'unsafe' prompts); default: the demo train split")
     parser.add_argument("--benign", nargs="+", action="extend", metavar="FILE", default=[],
                         help="benign prompt files (JSONL, XSTest CSV: only its 'safe' prompts); default: the demo train split")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (resumable)")
@@ -230,6 +233,8 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="use the first N prompts of each kind")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (on a busy machine 1 can be several times faster than the default)")
     parser.add_argument("--cache-dir", default=None, help="crl cache root (default $CRL_CACHE or ~/.cache/crl)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -239,9 +244,11 @@ def _load_files(files: Sequence[str], kind: str) -> list[Example]:
     out: list[Example] = []
     for f in files:
         exs = load_examples(f)
+        # labelled sets (XSTest) mix safe and unsafe prompts: keep the ones of the kind asked for
         if kind == "benign":
-            # labelled sets (XSTest) mix safe and unsafe prompts: keep the safe ones as benign requests
             exs = [e for e in exs if e.label not in ("unsafe", "harmful")]
+        else:
+            exs = [e for e in exs if e.label not in ("safe", "benign")]
         out.extend(exs)
     return out
 
@@ -253,6 +260,8 @@ def run_build(args: argparse.Namespace) -> int:
     from crl.data.demo import load_demo
     from crl.models import ModelLoadError, load_model
 
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     try:
         harmful = _load_files(args.harmful, "harmful") if args.harmful else load_demo("harmful", "train")
         benign = _load_files(args.benign, "benign") if args.benign else load_demo("benign", "train")
