@@ -10,7 +10,6 @@ import json
 import pytest
 import torch
 
-from crl.data import build as build_mod
 from crl.data.batching import LengthGroupedBatchSampler, collate
 from crl.data.build import BuildStopped, add_build_arguments, build_pools, run_build
 from crl.data.demo import load_demo
