@@ -117,8 +117,15 @@ def write_checkpoint(
     scheduler: dict[str, Any],
     trainer_state: dict[str, Any],
     keep: int,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically, point `latest` at it, and prune old ones."""
+    """Write checkpoint `step` atomically, point `latest` at it, and prune old ones.
+
+    `extra` maps names to further nested states (e.g. the mining queue, the refinement's
+    perturbations), each written as NAME.safetensors + NAME.json; their names are recorded in
+    trainer_state["extra_states"] and `read_checkpoint` returns them under "extra"."""
+    if extra:
+        trainer_state = {**trainer_state, "extra_states": sorted(extra)}
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=checkpoints_dir, prefix=f".step-{step:06d}."))
@@ -129,6 +136,8 @@ def write_checkpoint(
         rng = rng_state()
         rng["numpy"] = _numpy_state_to_plain(rng["numpy"])
         save_state(tmp, "rng", rng)
+        for name, state in (extra or {}).items():
+            save_state(tmp, name, state)
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2), encoding="utf-8")
         for item in tmp.iterdir():  # make the files durable before the rename publishes them
             with open(item, "rb") as handle:
@@ -158,10 +167,12 @@ def read_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict[str,
     rng = load_state(path, "rng")
     kind, keys, pos, has_gauss, cached = rng["numpy"]
     rng["numpy"] = (kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
+    trainer_state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     return {
         "adapter": load_file(str(path / "adapter.safetensors"), device=str(device)),
         "optimizer": load_state(path, "optimizer", device),
         "scheduler": load_state(path, "scheduler"),
         "rng": rng,
-        "trainer_state": json.loads((path / "trainer_state.json").read_text(encoding="utf-8")),
+        "trainer_state": trainer_state,
+        "extra": {name: load_state(path, name, device) for name in trainer_state.get("extra_states", [])},
     }

@@ -11,7 +11,9 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from crl.data import Batch
@@ -26,7 +28,12 @@ from crl.losses.objectives import (
     select_rows,
 )
 from crl.models import capture_hidden_states, final_norm, num_hidden_layers, unwrap_model
-from crl.training.config import LossConfig
+from crl.losses.objectives import pooled_by_sample
+from crl.training.config import LossConfig, MiningConfig
+
+if TYPE_CHECKING:
+    from crl.mining import HardNegativeMiner
+    from crl.training.refinement import AdversarialRefiner
 
 
 @dataclass
@@ -39,6 +46,14 @@ class StepBatches:
     retain: Batch | None
     selection: torch.Tensor
     """[B, T] bool: the tokens whose states enter the representation losses."""
+    benign_ids: torch.Tensor | None = None
+    """[num_benign] int64: benign-pool index of each benign sample (for mining's history)."""
+    harmful_ids: torch.Tensor | None = None
+    """[num_harmful] int64: harmful-pool index of each harmful sample (the bank's sample ids)."""
+    step: int = 0
+    """Optimizer steps done before this micro-batch (refinement's schedule)."""
+    micro: int = 0
+    """Index of the micro-batch within its optimizer step."""
 
 
 @dataclass
@@ -81,11 +96,25 @@ def _final_logits(model: torch.nn.Module, batch: Batch, token_mask: torch.Tensor
 class LossComputer:
     """Runs the passes of one micro-batch and combines them into the configured method's loss."""
 
-    def __init__(self, model: torch.nn.Module, config: LossConfig, *, autocast: bool = False) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: LossConfig,
+        *,
+        autocast: bool = False,
+        miner: HardNegativeMiner | None = None,
+        mining: MiningConfig | None = None,
+        refiner: AdversarialRefiner | None = None,
+    ) -> None:
         self.model = model
         self.config = config
         self.layers = config.captured_layers
         self.autocast = autocast
+        self.miner = miner
+        self.mining = mining if mining is not None else MiningConfig(enabled=miner is not None)
+        self.refiner = refiner
+        if refiner is not None and miner is None:
+            raise ValueError("refinement needs mining (it attacks the owners of the hardest mined negatives)")
 
     def _amp(self):
         if self.autocast:
@@ -117,7 +146,7 @@ class LossComputer:
 
         metrics: dict[str, float] = {}
         if cfg.method == "crl":
-            loss = self._crl(frozen_hidden, trained_hidden, benign_sel, harmful_sel, progress, metrics)
+            loss = self._crl(frozen_hidden, trained_hidden, benign_sel, harmful_sel, progress, metrics, batches)
         elif cfg.method == "circuit_breakers":
             loss = self._circuit_breakers(
                 frozen_hidden, trained_hidden, contrast.attention_mask.bool() & is_benign, harmful_sel, progress, metrics
@@ -151,11 +180,12 @@ class LossComputer:
     def _rows(self, hidden: dict[int, torch.Tensor], mask: torch.Tensor) -> LayerRows:
         return select_rows(hidden, mask, self.layers)
 
-    def _crl(self, frozen_hidden, trained_hidden, benign_sel, harmful_sel, progress, metrics) -> torch.Tensor:
+    def _crl(self, frozen_hidden, trained_hidden, benign_sel, harmful_sel, progress, metrics, batches=None) -> torch.Tensor:
         cfg = self.config
         fb, tb = self._rows(frozen_hidden, benign_sel), self._rows(trained_hidden, benign_sel)
         fh, th = self._rows(frozen_hidden, harmful_sel), self._rows(trained_hidden, harmful_sel)
         fb_s, tb_s, fh_s, th_s = fb.states, tb.states, fh.states, th.states
+        scale = None
         if cfg.normalize_layer_scale:
             scale = layer_scale(torch.cat([fb.states, fh.states], dim=1))[:, None, None]
             fb_s, tb_s, fh_s, th_s = fb_s / scale, tb_s / scale, fh_s / scale, th_s / scale
@@ -164,30 +194,150 @@ class LossComputer:
         target_idx = [self.layers.index(l) for l in cfg.target_layers]
         alpha, beta = cfg.alpha.at(progress), cfg.beta.at(progress)
         loss = fb_s.new_zeros((), dtype=torch.float32)
+        mined = None
+        if self.miner is not None and batches is not None:
+            mined = self._mine(fb, tb, fh, th, batches, metrics)
+            if mined["attacked"] is not None:
+                fa, ta = mined["attacked"]
+                fa_s, ta_s = (fa.states / scale, ta.states / scale) if scale is not None else (fa.states, ta.states)
+                # the attacked harmful states join the harmful anchors (the centroid stays the clean batch's)
+                th_s, fh_s = torch.cat([th_s, ta_s], dim=1), torch.cat([fh_s, fa_s], dim=1)
+        replace = mined is not None and self.mining.combine == "replace"
+        w_mined = 1.0 if replace else self.mining.weight
         if fb_s.shape[1] > 0:
-            out_b = crl_benign_triplet(
-                tb_s[benign_idx], fb_s[benign_idx], centroid[benign_idx],
-                positive_distance=cfg.benign_positive_distance, negative_distance=cfg.benign_negative_distance,
-                margin=cfg.benign_margin, mix_weight=cfg.mix_weight,
-            )
-            loss = loss + alpha * out_b.loss
-            metrics.update(
-                loss_benign=float(out_b.loss.detach()), active_benign=float(out_b.active_fraction),
-                benign_d_pos=float(out_b.mean_positive_distance), benign_d_neg=float(out_b.mean_negative_distance),
-            )
+            loss_b = None
+            if not replace:
+                out_b = crl_benign_triplet(
+                    tb_s[benign_idx], fb_s[benign_idx], centroid[benign_idx],
+                    positive_distance=cfg.benign_positive_distance, negative_distance=cfg.benign_negative_distance,
+                    margin=cfg.benign_margin, mix_weight=cfg.mix_weight,
+                )
+                loss_b = out_b.loss
+                metrics.update(
+                    loss_benign=float(out_b.loss.detach()), active_benign=float(out_b.active_fraction),
+                    benign_d_pos=float(out_b.mean_positive_distance), benign_d_neg=float(out_b.mean_negative_distance),
+                )
+            if mined is not None:
+                negatives, index = self._mined_negatives(
+                    mined["benign"], mined["benign_rows"], scale[benign_idx] if scale is not None else None, tb_s.device
+                )
+                out_bm = crl_benign_triplet(
+                    tb_s[benign_idx], fb_s[benign_idx], centroid[benign_idx],
+                    positive_distance=cfg.benign_positive_distance, negative_distance=cfg.benign_negative_distance,
+                    margin=cfg.benign_margin, mix_weight=cfg.mix_weight,
+                    extra_negatives=negatives, extra_negative_index=index,
+                )
+                loss_b = w_mined * out_bm.loss if loss_b is None else loss_b + w_mined * out_bm.loss
+                metrics.update(
+                    loss_benign_mined=float(out_bm.loss.detach()), active_benign_mined=float(out_bm.active_fraction),
+                    benign_d_neg_mined=float(out_bm.mean_negative_distance),
+                )
+            loss = loss + alpha * loss_b
         if th_s.shape[1] > 0:
-            out_h = crl_harmful_triplet(
-                th_s[target_idx], fh_s[target_idx], centroid[target_idx],
-                positive_distance=cfg.harmful_positive_distance, negative_distance=cfg.harmful_negative_distance,
-                margin=cfg.harmful_margin, mix_weight=cfg.mix_weight,
-            )
-            loss = loss + beta * out_h.loss
-            metrics.update(
-                loss_harmful=float(out_h.loss.detach()), active_harmful=float(out_h.active_fraction),
-                harmful_d_pos=float(out_h.mean_positive_distance), harmful_d_neg=float(out_h.mean_negative_distance),
-            )
+            loss_h = None
+            if not replace:
+                out_h = crl_harmful_triplet(
+                    th_s[target_idx], fh_s[target_idx], centroid[target_idx],
+                    positive_distance=cfg.harmful_positive_distance, negative_distance=cfg.harmful_negative_distance,
+                    margin=cfg.harmful_margin, mix_weight=cfg.mix_weight,
+                )
+                loss_h = out_h.loss
+                metrics.update(
+                    loss_harmful=float(out_h.loss.detach()), active_harmful=float(out_h.active_fraction),
+                    harmful_d_pos=float(out_h.mean_positive_distance), harmful_d_neg=float(out_h.mean_negative_distance),
+                )
+            if mined is not None:
+                negatives, index = self._mined_negatives(
+                    mined["harmful"], mined["harmful_rows"], scale[target_idx] if scale is not None else None, th_s.device
+                )
+                out_hm = crl_harmful_triplet(
+                    th_s[target_idx], fh_s[target_idx], centroid[target_idx],
+                    positive_distance=cfg.harmful_positive_distance, negative_distance=cfg.harmful_negative_distance,
+                    margin=cfg.harmful_margin, mix_weight=cfg.mix_weight,
+                    extra_negatives=negatives, extra_negative_index=index,
+                )
+                loss_h = w_mined * out_hm.loss if loss_h is None else loss_h + w_mined * out_hm.loss
+                metrics.update(
+                    loss_harmful_mined=float(out_hm.loss.detach()), active_harmful_mined=float(out_hm.active_fraction),
+                    harmful_d_neg_mined=float(out_hm.mean_negative_distance),
+                )
+            loss = loss + beta * loss_h
         metrics.update(coef_benign=alpha, coef_harmful=beta)
         return loss
+
+    # --- mining and refinement -----------------------------------------------------------------
+
+    @staticmethod
+    def _mined_negatives(mined, row_sample, scale, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample negatives [L * S, k, d] (entry l * S + s; divided by the layer scale like the
+        states, `scale` [L, 1, 1] or None) and the row -> entry index [L * R]. Never broadcast to rows."""
+        negatives = mined.negatives.to(device)  # [L, S, k, d]
+        num_layers, num_samples = negatives.shape[0], negatives.shape[1]
+        if scale is not None:
+            negatives = negatives / scale.reshape(-1).to(device)[:, None, None, None]
+        negatives = negatives.reshape(num_layers * num_samples, *negatives.shape[2:])
+        rows = row_sample.to(device)
+        index = (torch.arange(num_layers, device=device)[:, None] * num_samples + rows[None, :]).reshape(-1)
+        return negatives, index
+
+    def _mine(self, fb, tb, fh, th, batches: StepBatches, metrics: dict[str, float]) -> dict:
+        """Mine the negatives of this micro-batch (and run the refinement); refresh the queue."""
+        from crl.mining import MiningStats
+        from crl.training.refinement import hardest_owners
+
+        cfg = self.config
+        miner = self.miner
+        assert miner is not None
+        nb = batches.num_benign
+        nh = int(batches.contrast.input_ids.shape[0]) - nb
+        benign_ids = batches.benign_ids if batches.benign_ids is not None else torch.arange(nb)
+        harmful_ids = batches.harmful_ids if batches.harmful_ids is not None else torch.arange(nh)
+        benign_idx = [self.layers.index(l) for l in cfg.resolved_benign_layers]
+        target_idx = [self.layers.index(l) for l in cfg.target_layers]
+        stats = MiningStats()
+        t0 = time.perf_counter()
+        harmful_rows = th.row_sample - nb
+        pooled_b = pooled_by_sample(tb.states.detach()[benign_idx], tb.row_sample, nb)
+        pooled_h = pooled_by_sample(th.states.detach(), harmful_rows, nh)  # [L, nh, d], every captured layer
+        mined_b = miner.mine_benign(pooled_b, benign_ids, stats)
+        mined_h = miner.mine_harmful(pooled_h[target_idx], harmful_ids, stats)
+        out = {"benign": mined_b, "benign_rows": tb.row_sample, "harmful": mined_h, "harmful_rows": harmful_rows,
+               "attacked": None}
+        refiner = self.refiner
+        if refiner is not None and refiner.use_at(batches.step, batches.micro):
+            owners = hardest_owners(
+                [(mined_b.owners[..., 0], mined_b.scores[..., 0]), (mined_h.owners[..., 0], mined_h.scores[..., 0])],
+                refiner.config.samples,
+            )
+            if owners:
+                refined = refiner.refine(self.model, owners, batches.step, self.layers)
+                fa = select_rows(refined.frozen, refined.selection, self.layers)
+                ta = select_rows(refined.trained, refined.selection, self.layers)
+                pooled_a = pooled_by_sample(ta.states.detach()[target_idx], ta.row_sample, len(owners))
+                mined_a = miner.mine_harmful(pooled_a, refined.sample_ids, stats, track=False)
+                from crl.mining import Mined
+
+                out["harmful"] = Mined(
+                    torch.cat([mined_h.negatives, mined_a.negatives], dim=1),
+                    np.concatenate([mined_h.scores, mined_a.scores], axis=1),
+                    np.concatenate([mined_h.owners, mined_a.owners], axis=1),
+                    torch.cat([mined_h.valid, mined_a.valid]),
+                )
+                out["harmful_rows"] = torch.cat([harmful_rows, ta.row_sample + nh])
+                out["attacked"] = (fa, ta)
+                metrics.update(refined.metrics)
+        for kind in ("benign", "harmful"):
+            valid = out[kind].valid
+            if not bool(valid.all()):
+                raise RuntimeError(
+                    f"mining: some {kind} samples found no negative (the bank must hold at least two harmful samples)"
+                )
+        miner.push(pooled_h[benign_idx], harmful_ids)
+        metrics.update(stats.values)
+        # mining = pooling the queries, the searches, gathering the negatives and the queue refresh
+        metrics["seconds_mining"] = time.perf_counter() - t0 - metrics.get("seconds_refinement", 0.0)
+        metrics["seconds_mining_search"] = stats.seconds
+        return out
 
     def _circuit_breakers(self, frozen_hidden, trained_hidden, retain_mask, harmful_sel, progress, metrics):
         cfg = self.config

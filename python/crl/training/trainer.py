@@ -12,6 +12,7 @@ import json
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,12 @@ class PoolStream:
         self._iter = self.sampler.batches()
 
     def next_batch(self) -> list[EncodedExample]:
-        return [self.encoded[i] for i in next(self._iter)]
+        return self.next_batch_with_indices()[0]
+
+    def next_batch_with_indices(self) -> tuple[list[EncodedExample], list[int]]:
+        """The next micro-batch and the pool indices of its examples."""
+        indices = list(next(self._iter))
+        return [self.encoded[i] for i in indices], indices
 
     def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()
@@ -130,6 +136,11 @@ class Trainer:
         self.tokenizer = tokenizer
         self.base_model = model
         self.streams = self._build_streams()
+        self.miner = None
+        self.refiner = None
+        if config.mining.enabled:
+            model.to(self.accelerator.device)
+            self.miner = self._build_miner(model)
         from crl.models import apply_lora
 
         lora = config.lora
@@ -142,8 +153,12 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config))
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.model, self.optimizer, self.scheduler)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if config.refinement.enabled:
+            self.refiner = self._build_refiner(unwrapped)
         self.loss = LossComputer(
-            self.accelerator.unwrap_model(self.model), config.loss, autocast=self.accelerator.device.type == "cuda"
+            unwrapped, config.loss, autocast=self.accelerator.device.type == "cuda",
+            miner=self.miner, mining=config.mining, refiner=self.refiner,
         )
         self.step = 0
 
@@ -205,20 +220,81 @@ class Trainer:
             streams["retain"] = PoolStream(self._encode(pools.retain, "retain"), batch, seed + 3)
         return streams
 
+    def _select_tokens(self, batch) -> torch.Tensor:
+        return token_selection(batch, self.config.loss.tokens, self.config.loss.first_response_tokens)
+
+    def _build_miner(self, model: torch.nn.Module):
+        """The frozen bank of the harmful pool (built once, cached by key) and the miner over it."""
+        from crl.mining import HardNegativeMiner, IndexParams, build_or_load_bank
+
+        cfg = self.config
+        mcfg = cfg.mining
+        encoded = self.streams["harmful"].encoded
+        device = self.accelerator.device
+        pad = self.tokenizer.pad_token_id
+        selections = []
+        for e in encoded:
+            single = collate([e], pad)
+            selections.append(self._select_tokens(single)[0].tolist())
+
+        def make_batch(indices: list[int]):
+            batch = collate([encoded[i] for i in indices], pad).to(device)
+            return batch.input_ids, batch.attention_mask, self._select_tokens(batch)
+
+        was_training = model.training
+        model.eval()
+        amp = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+        with amp:
+            bank = build_or_load_bank(
+                model, encoded, make_batch, selections,
+                layers=cfg.loss.captured_layers, pooling=f"mean:{cfg.loss.tokens}:{cfg.loss.first_response_tokens}",
+                dtype=mcfg.bank_dtype, max_size=mcfg.bank_size,
+                root=Path(mcfg.cache_dir).expanduser() if mcfg.cache_dir else None,
+                batch_size=mcfg.bank_batch_size, seed=cfg.run.seed, progress=cfg.run.progress and self.is_main,
+            )
+        model.train(was_training)
+        if len(set(bank.ids.tolist())) < 2:
+            raise ConfigError("mining: the frozen bank needs at least two harmful samples (own samples are excluded)")
+        if self.is_main and cfg.run.progress:
+            how = "reused" if bank.reused else f"built in {bank.build_seconds:.1f}s"
+            print(f"crl: frozen bank {bank.path} ({bank.size} samples x {len(bank.layers)} layers, {how})")
+        params = IndexParams(
+            metric=mcfg.metric, nlist=mcfg.nlist, nprobe=mcfg.nprobe, hnsw_m=mcfg.hnsw_m,
+            hnsw_ef_search=mcfg.hnsw_ef_search, threads=mcfg.threads, auto_native_max_gib=mcfg.auto_native_max_gib,
+            seed=cfg.run.seed,
+        )
+        return HardNegativeMiner(
+            bank, benign_layers=cfg.loss.resolved_benign_layers, target_layers=cfg.loss.target_layers,
+            k=mcfg.k, backend=mcfg.backend, params=params, queue_size=mcfg.queue_size, seed=cfg.run.seed,
+        )
+
+    def _build_refiner(self, model: torch.nn.Module):
+        from crl.training.refinement import AdversarialRefiner
+
+        device = self.accelerator.device
+        amp = (lambda: torch.autocast(device_type="cuda", dtype=torch.bfloat16)) if device.type == "cuda" else None
+        return AdversarialRefiner(
+            self.config.refinement, model, self.streams["harmful"].encoded, self.tokenizer.pad_token_id,
+            self._select_tokens, seed=self.config.run.seed, device=device, amp=amp,
+        )
+
     # --- the loop ------------------------------------------------------------------------------
 
-    def _next_batches(self) -> StepBatches:
+    def _next_batches(self, micro: int = 0) -> StepBatches:
         pad = self.tokenizer.pad_token_id
         device = self.accelerator.device
-        benign = self.streams["benign"].next_batch()
-        harmful = self.streams["harmful"].next_batch()
+        benign, benign_ids = self.streams["benign"].next_batch_with_indices()
+        harmful, harmful_ids = self.streams["harmful"].next_batch_with_indices()
         contrast = collate(benign + harmful, pad).to(device)
         retain = None
         if "retain" in self.streams:
             retain = collate(self.streams["retain"].next_batch(), pad).to(device)
-        loss_cfg = self.config.loss
-        selection = token_selection(contrast, loss_cfg.tokens, loss_cfg.first_response_tokens)
-        return StepBatches(contrast=contrast, num_benign=len(benign), retain=retain, selection=selection)
+        selection = self._select_tokens(contrast)
+        return StepBatches(
+            contrast=contrast, num_benign=len(benign), retain=retain, selection=selection,
+            benign_ids=torch.tensor(benign_ids, dtype=torch.int64), harmful_ids=torch.tensor(harmful_ids, dtype=torch.int64),
+            step=self.step, micro=micro,
+        )
 
     def _restore(self) -> None:
         path = latest_checkpoint(self.checkpoints_dir)
@@ -235,6 +311,13 @@ class Trainer:
         for name, stream_state in trainer_state["streams"].items():
             self.streams[name].load_state_dict(stream_state)
         restore_rng_state(state["rng"])
+        extra = state.get("extra", {})
+        for name, part in (("mining", self.miner), ("refinement", self.refiner)):
+            if part is None:
+                continue
+            if name not in extra:
+                raise ConfigError(f"{path}: the checkpoint has no {name} state (was it written with {name} disabled?)")
+            part.load_state_dict(extra[name])
         self.step = int(trainer_state["step"])
         if self.is_main and self.metrics_path.exists():
             # Drop metrics logged after the checkpoint: they will be produced again.
@@ -248,6 +331,11 @@ class Trainer:
         from peft import get_peft_model_state_dict
 
         unwrapped = self.accelerator.unwrap_model(self.model)
+        extra = {}
+        if self.miner is not None:
+            extra["mining"] = self.miner.state_dict()
+        if self.refiner is not None:
+            extra["refinement"] = self.refiner.state_dict()
         write_checkpoint(
             self.checkpoints_dir, self.step,
             adapter=get_peft_model_state_dict(unwrapped),
@@ -255,6 +343,7 @@ class Trainer:
             scheduler=self.scheduler.state_dict(),
             trainer_state={"step": self.step, "streams": {n: s.state_dict() for n, s in self.streams.items()}},
             keep=self.config.run.keep_checkpoints,
+            extra=extra,
         )
 
     def train(self, max_steps: int | None = None) -> TrainResult:
@@ -275,13 +364,18 @@ class Trainer:
             started = time.perf_counter()
             progress = self.step / total
             sums: dict[str, float] = {}
-            for _ in range(grad_accum):
-                batches = self._next_batches()
+            counts: dict[str, int] = {}
+            for micro in range(grad_accum):
+                batches = self._next_batches(micro)
                 with self.accelerator.accumulate(self.model):
                     out = self.loss(batches, progress)
                     self.accelerator.backward(out.loss / grad_accum)
                 for key, value in out.metrics.items():
                     sums[key] = sums.get(key, 0.0) + value / grad_accum
+                    counts[key] = counts.get(key, 0) + 1
+            for key, count in counts.items():
+                if count < grad_accum:  # logged by some micro-batches only (e.g. refinement): their mean
+                    sums[key] = sums[key] * grad_accum / count
             t_opt = time.perf_counter()
             grad_norm = self.accelerator.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.requires_grad], self.config.optim.max_grad_norm

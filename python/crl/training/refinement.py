@@ -1,0 +1,230 @@
+"""Adversarial refinement: the harmful samples owning the hardest negatives are attacked before they
+enter the loss, and their attacked states join the harmful anchors.
+
+The attack is `crl.attacks.latent.ResidualPerturbation` (one implementation for training and
+evaluation): a perturbation of hidden state l (crl numbering; ``target = "embedding"`` uses hidden
+state 0, the input embeddings as the first decoder layer receives them) on the prompt tokens (all
+tokens before the response), initialised at zero, kept in fp32, projected after every step onto the
+bound (L2 <= eps ||h|| or L-infinity <= eps rms(h), relative to the clean states of the batch), and
+optimised by Adam to minimise the cross-entropy of the harmful response under the current defended
+model (adapter on, eval mode; gradients go to the perturbation only, never to the LoRA weights).
+
+Persistence: one *universal* perturbation per attackable layer ([1, 1, d], shared by all samples)
+with its own Adam, both kept across refreshes and micro-batches, since the attacked samples change
+every micro-batch: a per-sample delta would need [pool, T, d] fp32 state plus Adam moments (for
+SmolLM2 and 1000 samples of 96 tokens, 0.7 GB; for an 8B model 5 GB), and most of it would be stale
+by the next visit. The universal delta is the attack that works for the harmful region as a whole,
+refined a few steps at a time as the defence moves (like a universal adversarial perturbation).
+Before it is applied to a new batch it is projected onto that batch's bound (in place).
+
+Schedule: every `refresh_every` optimizer steps (at the first micro-batch of that step) the
+perturbation gets `steps` Adam steps; the attacked layer is drawn from `layers` once per refresh
+period; a micro-batch uses the attack with probability `probability`. Every draw comes from a
+generator seeded by (run seed, step, micro-batch), never from the global RNG, so the schedule is a
+pure function of the step. The perturbations, their Adam states and the last refresh step are saved
+in every checkpoint (`state_dict`), so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from crl.attacks.latent import ResidualPerturbation
+from crl.data import collate
+from crl.models import capture_hidden_states, num_hidden_layers, unwrap_model
+from crl.training.config import RefinementConfig
+
+
+@dataclass
+class Refined:
+    trained: dict[int, torch.Tensor]
+    """{layer: [B, T, d]} states of the attacked samples under the trained model (grad to LoRA)."""
+    frozen: dict[int, torch.Tensor]
+    """{layer: [B, T, d]} clean states under the frozen model (no grad)."""
+    selection: torch.Tensor
+    """[B, T] bool: the tokens that enter the loss."""
+    sample_ids: torch.Tensor
+    """[B] int64: harmful-pool indices of the attacked samples."""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def hardest_owners(candidates: Sequence[tuple[np.ndarray, np.ndarray]], n: int) -> list[int]:
+    """Up to n distinct sample ids, ordered by their best score, from (owners, scores) arrays of the
+    top-1 negatives (any shape; id -1 ignored); ties go to the smaller id."""
+    best: dict[int, float] = {}
+    for owners, scores in candidates:
+        for o, s in zip(np.asarray(owners).reshape(-1).tolist(), np.asarray(scores).reshape(-1).tolist()):
+            if o >= 0 and np.isfinite(s) and s > best.get(o, -np.inf):
+                best[o] = s
+    ranked = sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))
+    return [o for o, _ in ranked[:n]]
+
+
+def response_cross_entropy(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           response_mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the response tokens [B] (logits only at the predicting positions)."""
+    last = num_hidden_layers(model)
+    hidden = capture_hidden_states(model, input_ids, attention_mask, [last])[last]  # after the final norm
+    predicting = torch.zeros_like(response_mask)
+    predicting[:, :-1] = response_mask[:, 1:]
+    logits = unwrap_model(model).get_output_embeddings()(hidden[predicting]).float()
+    targets = input_ids[:, 1:][response_mask[:, 1:]]
+    ce = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    row = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(predicting)[predicting]
+    sums = torch.zeros(input_ids.shape[0], device=ce.device).index_add(0, row, ce)
+    counts = torch.bincount(row, minlength=input_ids.shape[0]).clamp_min(1)
+    return sums / counts
+
+
+class AdversarialRefiner:
+    """Owns the persistent perturbations and their optimisers (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: RefinementConfig,
+        model: torch.nn.Module,
+        examples: Sequence[Any],
+        pad_token_id: int,
+        select_tokens: Callable[[Any], torch.Tensor],
+        *,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        amp: Callable[[], Any] | None = None,
+    ) -> None:
+        from crl.models import hidden_size
+
+        self.config = config
+        self.examples = examples
+        self.pad_token_id = pad_token_id
+        self.select_tokens = select_tokens
+        self.seed = int(seed)
+        self.device = torch.device(device)
+        self.amp = amp or nullcontext
+        n = num_hidden_layers(model)
+        if config.target == "embedding":
+            self.layers = [0]
+        else:
+            low, high = config.layers
+            if high >= n:
+                raise ValueError(f"refinement.layers: hidden states up to {n - 1} can be perturbed (the model has {n} decoder layers), got {config.layers}")
+            self.layers = list(range(low, high + 1))
+        d = hidden_size(model)
+        self.perturbations = {
+            l: ResidualPerturbation(l, 1, 1, d, eps=config.eps, norm=config.norm, shape="universal", device=self.device)
+            for l in self.layers
+        }
+        self.optimizers = {l: p.make_optimizer(lr=1e-3) for l, p in self.perturbations.items()}
+        self.last_refresh_step = -1
+
+    # --- the schedule (pure functions of the step) -------------------------------------------------
+
+    def _rng(self, *keys: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, *[int(k) for k in keys]])
+
+    def use_at(self, step: int, micro: int) -> bool:
+        p = self.config.probability
+        return p >= 1.0 or (p > 0.0 and self._rng(1, step, micro).random() < p)
+
+    def layer_at(self, step: int) -> int:
+        if len(self.layers) == 1:
+            return self.layers[0]
+        period = step // self.config.refresh_every
+        return int(self.layers[self._rng(2, period).integers(len(self.layers))])
+
+    def refresh_due(self, step: int) -> bool:
+        return step % self.config.refresh_every == 0 and step != self.last_refresh_step
+
+    # --- the attack --------------------------------------------------------------------------------
+
+    def refine(self, model: torch.nn.Module, sample_ids: Sequence[int], step: int, layers: Sequence[int]) -> Refined:
+        """Attack `sample_ids` (harmful-pool indices) and return their states at `layers`."""
+        t0 = time.perf_counter()
+        cfg = self.config
+        batch = collate([self.examples[i] for i in sample_ids], self.pad_token_id).to(self.device)
+        selection = self.select_tokens(batch)
+        attn = batch.attention_mask
+        prompt = attn.bool() & ~batch.response_mask
+        layer = self.layer_at(step)
+        pert = self.perturbations[layer]
+        opt = self.optimizers[layer]
+        saved = pert.delta.detach().clone()
+        pert.resize_(batch.input_ids.shape[0], batch.input_ids.shape[1], mask=prompt, optimizer=opt)
+        with torch.no_grad():
+            pert.delta.copy_(saved)  # resize_ zeroes it; the universal delta persists
+        metrics: dict[str, float] = {"attack_layer": float(layer), "attack_samples": float(len(sample_ids))}
+        was_training = model.training
+        try:
+            model.train(False)
+            with torch.no_grad(), self.amp():
+                clean = capture_hidden_states(model, batch.input_ids, attn, [layer])[layer].float()
+            clean_norm = clean.norm(dim=-1)  # [B, T]
+            pert.project_(clean_norm)
+            if self.refresh_due(step) and cfg.steps > 0:
+                rms = float(clean_norm[prompt].mean()) / pert.hidden**0.5 if bool(prompt.any()) else 1.0
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * cfg.eps * rms
+                pert.delta.requires_grad_(True)
+                losses = []
+                with pert.install(model):
+                    for _ in range(cfg.steps):
+                        with self.amp():
+                            ce = response_cross_entropy(model, batch.input_ids, attn, batch.response_mask).mean()
+                        (grad,) = torch.autograd.grad(ce, [pert.delta])
+                        losses.append(float(ce.detach()))
+                        opt.zero_grad(set_to_none=True)
+                        pert.delta.grad = grad
+                        opt.step()
+                        pert.delta.grad = None
+                        pert.project_(clean_norm)
+                self.last_refresh_step = step
+                metrics["attack_loss_start"] = losses[0]
+                metrics["attack_loss"] = losses[-1]
+        finally:
+            model.train(was_training)
+        # The attacked states (grad to LoRA, not to the perturbation), and the clean frozen ones.
+        pert.delta.requires_grad_(False)
+        try:
+            with pert.install(model), self.amp():
+                trained = capture_hidden_states(model, batch.input_ids, attn, layers)
+        finally:
+            pert.delta.requires_grad_(True)
+        with torch.no_grad(), model.disable_adapter(), self.amp():
+            frozen = capture_hidden_states(model, batch.input_ids, attn, layers)
+        rel = pert.relative_norm()
+        metrics["attack_rel_norm"] = float(rel[prompt].max()) if bool(prompt.any()) else 0.0
+        metrics["seconds_refinement"] = time.perf_counter() - t0
+        ids = torch.as_tensor(list(sample_ids), dtype=torch.int64, device=self.device)
+        return Refined(trained, frozen, selection, ids, metrics)
+
+    # --- checkpointing -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "last_refresh_step": self.last_refresh_step,
+            "layers": {
+                l: {"delta": self.perturbations[l].delta.detach().clone(), "optimizer": self.optimizers[l].state_dict()}
+                for l in self.layers
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_refresh_step = int(state["last_refresh_step"])
+        for l, entry in state["layers"].items():
+            l = int(l)
+            if l not in self.perturbations:
+                raise ValueError(f"refinement state has layer {l}, not in the configured range {self.layers}")
+            pert = self.perturbations[l]
+            with torch.no_grad():
+                pert.delta.data = entry["delta"].to(self.device, torch.float32).clone()
+            opt = pert.make_optimizer(lr=1e-3)
+            opt.load_state_dict(entry["optimizer"])
+            self.optimizers[l] = opt
+
+
+__all__ = ["AdversarialRefiner", "Refined", "hardest_owners", "response_cross_entropy"]
