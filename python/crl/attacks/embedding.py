@@ -3,8 +3,9 @@
 A soft suffix of ``n_tokens`` free embedding vectors is placed after the request, inside the user
 turn, and optimised with Adam to minimise the cross-entropy of the target response ("Sure, here is
 ..."). Several configurations (learning rate x initialisation) are tried per prompt, each with early
-stopping (when the greedy prediction reproduces the whole target, or the loss stops improving for
-``patience`` steps); the configuration with the lowest loss is kept and the model's greedy
+stopping (when the greedy prediction reproduces the whole target, which also ends the search over
+configurations, or when the loss stops improving for ``patience`` steps); the configuration with
+the lowest loss is kept and the model's greedy
 continuation from it is recorded. The budget is the total number of optimisation steps.
 
 Initialisations: ``"bang"`` (the embedding of "!" repeated), ``"random_tokens"`` (embeddings of
@@ -29,7 +30,8 @@ class EmbeddingRunConfig:
 
 
 def default_embedding_configs() -> list[EmbeddingRunConfig]:
-    return [EmbeddingRunConfig(1e-3, "bang"), EmbeddingRunConfig(1e-2, "bang"), EmbeddingRunConfig(1e-2, "random_tokens")]
+    # Strongest first: once a configuration reproduces the target, the others are skipped.
+    return [EmbeddingRunConfig(1e-2, "bang"), EmbeddingRunConfig(3e-2, "random_tokens"), EmbeddingRunConfig(1e-3, "bang")]
 
 
 class EmbeddingAttack:
@@ -82,6 +84,7 @@ class EmbeddingAttack:
         target_start = len(lay.before) + self.n_tokens + len(lay.after)
         gen = torch.Generator().manual_seed(self.seed)
         best = (float("inf"), None, -1)
+        reproduced = False
         curves: list[list[float]] = []
         steps_total = 0
         requires = [q.requires_grad for q in model.parameters()]
@@ -107,14 +110,17 @@ class EmbeddingAttack:
                         cfg_best, since_best = lv, 0
                     else:
                         since_best += 1
-                    if matched or lv < self.early_stop_loss or since_best >= self.patience:
+                    if matched:
+                        reproduced = True
+                        break
+                    if lv < self.early_stop_loss or since_best >= self.patience:
                         break
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                 curves.append(curve)
-                if best[0] < self.early_stop_loss:
-                    break
+                if reproduced or best[0] < self.early_stop_loss:
+                    break  # the target is reproduced: the remaining configurations are not needed
         finally:
             for q, r in zip(model.parameters(), requires):
                 q.requires_grad_(r)
@@ -137,6 +143,7 @@ class EmbeddingAttack:
                 "loss_curves": curves,
                 "nearest_tokens": tokenizer.decode(nearest),
                 "suffix_norm": float(suffix.norm(dim=-1).mean()),
+                "target_reproduced": reproduced,
             },
         )
 

@@ -194,23 +194,26 @@ def eval_config_from_dict(data: dict[str, Any], overrides: list[str] | None = No
 
 
 def default_demo_eval_config(base_model: str, adapters: dict[str, Path]) -> EvalConfig:
-    """A CPU-sized evaluation on the built-in held-out prompts (a few minutes on SmolLM2-135M)."""
+    """A CPU-sized evaluation on the built-in held-out prompts (a few minutes on SmolLM2-135M with one
+    adapter): the direct request, prefilling and refusal suppression on 6 harmful prompts, a
+    25-step embedding attack on 2 of them, and KL / retention / over-refusal on 6 benign prompts."""
     return EvalConfig(
         base_model=base_model,
         adapters={k: str(v) for k, v in adapters.items()},
         prompt_sets=[
-            PromptSetConfig(name="harmful", source="demo:harmful:heldout", role="harmful", limit=8),
-            PromptSetConfig(name="benign", source="demo:benign:heldout", role="benign", limit=8),
+            PromptSetConfig(name="harmful", source="demo:harmful:heldout", role="harmful", limit=6),
+            PromptSetConfig(name="benign", source="demo:benign:heldout", role="benign", limit=6),
         ],
         attacks=[
             AttackConfig(name="direct", kind="direct"),
             AttackConfig(name="prefill", kind="prefill"),
             AttackConfig(name="refusal_suppression", kind="template", template="refusal_suppression"),
-            AttackConfig(name="embedding", kind="embedding", limit=3, steps=40, n_tokens=10, patience=10,
+            AttackConfig(name="embedding", kind="embedding", limit=2, steps=25, n_tokens=8, patience=10,
                          embedding_configs=[EmbeddingConfigItem(1e-2, "bang")]),
         ],
         capability=CapabilityConfig(benign_set="benign", over_refusal_set="benign", harmful_nll_set="harmful"),
-        max_new_tokens=40,
+        max_new_tokens=32,
+        batch_size=6,
     )
 
 

@@ -318,6 +318,12 @@ def run_evaluation(config: EvalConfig, output_dir: Path, *, progress: bool = Tru
         names = models if purpose == "over_refusal" else sorted(set(models) | {"base"}, key=pool.names.index)
         for name in names:
             todo = [p for p in prompts if not store.has(name, purpose, set_name, p.id)]
+            if purpose == "over_refusal":  # the same prompts answered for retention: reuse those answers
+                reuse = [dict(store.get(name, "benign", set_name, p.id), purpose="over_refusal") for p in todo
+                         if store.has(name, "benign", set_name, p.id)]
+                if reuse:
+                    store.add(reuse)
+                    todo = [p for p in todo if not store.has(name, purpose, set_name, p.id)]
             if not todo:
                 continue
             log(f"{name} / {purpose} answers on {set_name}: {len(todo)} prompts")
