@@ -153,3 +153,31 @@ def test_demo_config_and_cli(tmp_path, adapter_run):
     assert run_eval_cli(parser.parse_args([str(path), "--output-dir", str(out), "--no-progress"])) == 0
     assert json.loads((out / "report.json").read_text())["models"]["base"]["attacks"]["direct"]["n"] == 2
     assert run_eval_cli(parser.parse_args([str(path), "--output-dir", str(out), "--report-only"])) == 0
+
+
+def test_model_pool_switches_adapters(tmp_path, adapter_run):
+    """Several adapters on one base model: each name gives that adapter's outputs, 'base' none."""
+    from peft import LoraConfig, get_peft_model
+
+    from crl.evaluation.runner import ModelPool
+    from crl.models import build_tiny_llama
+
+    ids = torch.arange(5, 15).view(1, -1)
+    expected = {}
+    for i in range(2):
+        model, _ = build_tiny_llama(seed=0)
+        torch.manual_seed(i)
+        pm = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        pm.save_pretrained(str(tmp_path / f"a{i}" / "adapter"))
+        (tmp_path / f"a{i}" / "config.json").write_text(json.dumps({"method": f"m{i}"}))
+        with torch.no_grad():
+            expected[f"a{i}"] = pm(input_ids=ids).logits
+            with pm.disable_adapter():
+                expected["base"] = pm(input_ids=ids).logits
+    pool = ModelPool("tiny", {"a0": tmp_path / "a0", "a1": tmp_path / "a1"})
+    assert pool.methods == {"base": "none", "a0": "m0", "a1": "m1"}
+    for name in ("a0", "base", "a1", "a0"):
+        with pool.use(name) as m, torch.no_grad():
+            assert torch.allclose(m(input_ids=ids).logits, expected[name], atol=1e-5), name
+    with pytest.raises(FileNotFoundError):
+        ModelPool("tiny", {"x": tmp_path / "missing"})
