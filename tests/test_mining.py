@@ -1,0 +1,214 @@
+"""Hard-negative mining: the cached bank, the indexes (native vs FAISS), the queue, the miner."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from crl.config import ConfigError
+from crl.data import collate, encode_example, load_demo
+from crl.mining import HardNegativeMiner, IndexParams, TrainedQueue, build_or_load_bank, exact_search, make_index
+from crl.mining.bank import model_fingerprint, pooled_states
+from crl.mining.index import bf16_bits, bf16_to_float32, resolve_backend
+from crl.mining.miner import MiningStats
+from crl.training.config import load_train_config
+from crl.training.step import token_selection
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --- the bank ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def harmful_encoded(tiny_tokenizer):
+    examples = [ex.with_response(f"Sure, here is how: {ex.prompt[:30]}") for ex in load_demo("harmful", "train")[:7]]
+    return [encode_example(tiny_tokenizer, ex, max_length=192) for ex in examples]
+
+
+def _bank(model, tokenizer, encoded, root, layers, **kw):
+    pad = tokenizer.pad_token_id
+    selections = [token_selection(collate([e], pad), "response", 16)[0].tolist() for e in encoded]
+
+    def make_batch(indices):
+        batch = collate([encoded[i] for i in indices], pad)
+        return batch.input_ids, batch.attention_mask, token_selection(batch, "response", 16)
+
+    return build_or_load_bank(model, encoded, make_batch, selections, layers=layers, pooling="mean:response",
+                              root=root, batch_size=3, **kw)
+
+
+def test_bank_is_reused_when_its_key_is_unchanged_and_rebuilt_otherwise(tmp_path, tiny_model, harmful_encoded):
+    model, tokenizer = tiny_model
+    first = _bank(model, tokenizer, harmful_encoded, tmp_path, [2, 3])
+    assert not first.reused and first.size == 7 and first.dim == 64
+    assert first.vectors[0].dtype == np.int16 and isinstance(first.vectors[0], np.memmap)  # bf16 bits, mmapped
+    assert sorted(first.ids.tolist()) == list(range(7))
+    # the stored vectors are the pooled frozen states, rounded to bf16
+    batch = collate(harmful_encoded, tokenizer.pad_token_id)
+    pooled = pooled_states(model, batch.input_ids, batch.attention_mask, token_selection(batch, "response", 16), [2, 3])
+    got = bf16_to_float32(np.asarray(first.vectors[1]))[np.argsort(first.ids)]
+    np.testing.assert_allclose(got, pooled[1].numpy(), rtol=1e-2, atol=1e-2)
+
+    again = _bank(model, tokenizer, harmful_encoded, tmp_path, [2, 3])
+    assert again.reused and again.path == first.path
+    other_layers = _bank(model, tokenizer, harmful_encoded, tmp_path, [1, 3])
+    assert not other_layers.reused and other_layers.path != first.path
+    other_data = _bank(model, tokenizer, harmful_encoded[:6], tmp_path, [2, 3])
+    assert not other_data.reused and other_data.path != first.path
+    fp16 = _bank(model, tokenizer, harmful_encoded, tmp_path, [2, 3], dtype="float16")
+    assert not fp16.reused and fp16.vectors[0].dtype == np.float16
+    # another model (other weights) gives another key
+    from crl.models import build_tiny_llama
+
+    other_model, _ = build_tiny_llama(seed=1)
+    assert model_fingerprint(other_model) != model_fingerprint(model)
+    assert not _bank(other_model, tokenizer, harmful_encoded, tmp_path, [2, 3]).reused
+    assert not list(tmp_path.glob(".*"))  # no temporary folder left behind
+
+
+def test_bank_size_is_bounded(tmp_path, tiny_model, harmful_encoded):
+    model, tokenizer = tiny_model
+    bank = _bank(model, tokenizer, harmful_encoded, tmp_path, [2], max_size=4)
+    assert bank.size == 4 and len(set(bank.ids.tolist())) == 4
+
+
+# --- the indexes ------------------------------------------------------------------------------------
+
+
+def _random_bank(layers=2, n=2000, d=96, q=12, seed=0):
+    rng = np.random.default_rng(seed)
+    bank = rng.standard_normal((layers, n, d)).astype(np.float32)
+    queries = rng.standard_normal((layers, q, d)).astype(np.float32)
+    groups = np.arange(n, dtype=np.int64) // 2  # two vectors per sample
+    query_groups = rng.integers(0, n // 2, q).astype(np.int64)
+    return bank, queries, groups, query_groups
+
+
+@pytest.mark.parametrize("metric", ["cosine", "ip"])
+def test_faiss_flat_and_native_return_the_same_hardest_negatives(metric):
+    bank, queries, groups, qg = _random_bank()
+    params = IndexParams(metric=metric)
+    ref_s, ref_i = exact_search(bank, queries, 5, metric, groups, qg)
+    for backend in ("native_fp32", "faiss_flat"):
+        s, i = make_index(backend, params).build(bank, groups).search(queries, 5, qg)
+        np.testing.assert_array_equal(i, ref_i, err_msg=backend)
+        np.testing.assert_allclose(s, ref_s, rtol=1e-4, atol=1e-4)
+        assert not np.isin(groups[i], qg[None, :, None]).any() or (groups[i] != qg[None, :, None]).all()
+    # bf16 bank searched in place: equal to the brute force over the same bf16 values
+    bits = bf16_bits(bank)
+    s, i = make_index("native", params).build(bits, groups, kind="bfloat16").search(queries, 5, qg)
+    bq = bf16_to_float32(bf16_bits(queries))
+    _, ref_bf = exact_search(bf16_to_float32(bits), bq, 5, metric, groups, qg)
+    assert (i[..., 0] == ref_bf[..., 0]).mean() >= 0.95
+
+
+def test_group_exclusion_and_padding():
+    bank, queries, groups, _ = _random_bank(n=10, q=3)
+    qg = np.array([0, 1, 2], dtype=np.int64)
+    for backend in ("native_fp32", "faiss_flat", "faiss_hnsw"):
+        s, i = make_index(backend, IndexParams()).build(bank, groups).search(queries, 12, qg)
+        own = groups[np.maximum(i, 0)] == qg[None, :, None]
+        assert not (own & (i >= 0)).any(), backend
+        assert ((i >= 0).sum(-1) == 8).all(), backend  # 10 rows, 2 of them the query's own sample
+        assert np.isneginf(s[i < 0]).all()
+
+
+def test_ivf_recall_on_a_clustered_bank():
+    rng = np.random.default_rng(1)
+    layers, n, d, q, k, clusters = 1, 20000, 64, 64, 10, 100
+    centres = rng.standard_normal((clusters, d)).astype(np.float32) * 4
+    assign = rng.integers(0, clusters, n)
+    bank = (centres[assign] + rng.standard_normal((n, d)).astype(np.float32))[None]
+    queries = (centres[rng.integers(0, clusters, q)] + rng.standard_normal((q, d)).astype(np.float32))[None]
+    groups = np.arange(n, dtype=np.int64)
+    qg = rng.integers(0, n, q).astype(np.int64)
+    _, exact_ids = make_index("native_fp32", IndexParams()).build(bank, groups).search(queries, k, qg)
+    index = make_index("faiss_ivf", IndexParams(nprobe=8, seed=0)).build(bank, groups)
+    assert index.nlist > 8
+    _, ivf_ids = index.search(queries, k, qg)
+    recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(exact_ids[0], ivf_ids[0])])
+    assert recall >= 0.95, recall
+
+
+def test_auto_backend_policy():
+    params = IndexParams(auto_native_max_gib=1.0)
+    assert resolve_backend("auto", 1 << 20, params) == "native"
+    assert resolve_backend("auto", 2 << 30, params) == "faiss_ivf"
+    assert resolve_backend("faiss_hnsw", 2 << 30, params) == "faiss_hnsw"
+    with pytest.raises(ValueError, match="mining.backend"):
+        resolve_backend("annoy", 0, params)
+
+
+# --- queue and miner --------------------------------------------------------------------------------
+
+
+def test_queue_is_a_bounded_fifo_and_round_trips():
+    q = TrainedQueue([2, 3], capacity=5, dim=4)
+    q.push(torch.ones(2, 3, 4), torch.tensor([0, 1, 2]))
+    arrays, ids = q.arrays()
+    assert arrays[0].shape == (3, 4) and ids.tolist() == [0, 1, 2]
+    q.push(2 * torch.ones(2, 4, 4), torch.tensor([3, 4, 5, 6]))
+    assert q.count == 5 and q.ids.tolist() == [5, 6, 2, 3, 4]
+    restored = TrainedQueue([2, 3], capacity=5, dim=4)
+    restored.load_state_dict(q.state_dict())
+    assert torch.equal(restored.vectors, q.vectors) and restored.ptr == q.ptr and restored.ids.tolist() == q.ids.tolist()
+    with pytest.raises(ValueError):
+        TrainedQueue([2], capacity=5, dim=4).load_state_dict(q.state_dict())
+
+
+def test_miner_excludes_own_sample_and_tracks_changes(tmp_path, tiny_model, harmful_encoded):
+    model, tokenizer = tiny_model
+    bank = _bank(model, tokenizer, harmful_encoded, tmp_path, [2, 3])
+    miner = HardNegativeMiner(bank, benign_layers=[2, 3], target_layers=[3], k=2, backend="native", queue_size=4)
+    assert miner.queue.count == 4
+    # a harmful query equal to its own bank vector must not get itself back
+    own = torch.from_numpy(bf16_to_float32(np.asarray(bank.vectors[1][:3])))[None]  # [1, 3, d]
+    ids = torch.from_numpy(bank.ids[:3].copy())
+    stats = MiningStats()
+    mined = miner.mine_harmful(own, ids, stats)
+    assert mined.negatives.shape == (1, 3, 2, 64)
+    assert not (mined.owners == ids.numpy()[None, :, None]).any()
+    assert "mined_sim_harmful" in stats.values and "hardest_changed_harmful" not in stats.values
+    stats2 = MiningStats()
+    miner.mine_harmful(own, ids, stats2)
+    assert stats2.values["hardest_changed_harmful"] == 0.0
+    benign = miner.mine_benign(torch.randn(2, 2, 64), torch.tensor([0, 1]), stats2)
+    assert benign.negatives.shape == (2, 2, 2, 64) and bool(benign.valid.all())
+    state = miner.state_dict()
+    miner.push(torch.randn(2, 3, 64), torch.tensor([0, 1, 2]))
+    miner.load_state_dict(state)
+    assert miner.queue.version == state["queue"]["version"]
+
+
+def test_mining_config_validation(tmp_path):
+    tiny = REPO / "configs" / "tiny.toml"
+    cfg = load_train_config(tiny, [])
+    assert not cfg.mining.enabled and not cfg.refinement.enabled  # off by default
+    with pytest.raises(ConfigError, match="refinement.enabled"):
+        load_train_config(tiny, ["refinement.enabled=true"])
+    with pytest.raises(ConfigError, match="mining.enabled"):
+        load_train_config(tiny, ["mining.enabled=true", 'loss.method="repbend"'])
+    with pytest.raises(ConfigError, match="mining.backend"):
+        load_train_config(tiny, ['mining.backend="annoy"'])
+    with pytest.raises(ConfigError, match="refinement: layers"):
+        load_train_config(tiny, ["refinement.layers=[3, 1]"])
+
+
+def test_mining_step_bench_quick(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benches" / "mining_step.py"), "--quick", "--output", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    backends = {r["backend"] for r in data["mining"] if r.get("seconds") is not None}
+    assert {"native_fp32", "native_bf16", "faiss_flat"} <= backends
+    assert "step" in data and data["step"]
