@@ -1,0 +1,192 @@
+"""Adversarial refinement: it raises the defended model's likelihood of the harmful response inside its
+bound, keeps its state, and a tiny run with mining and refinement trains and resumes exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from crl.data import Example, Pools, collate, encode_example, load_demo, save_pools
+from crl.models import apply_lora, build_tiny_llama
+from crl.training.config import RefinementConfig, load_train_config
+from crl.training.refinement import AdversarialRefiner, hardest_owners, response_cross_entropy
+from crl.training.step import token_selection
+from crl.training.trainer import Trainer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def encoded(tiny_tokenizer):
+    examples = [ex.with_response("Sure, here is how to do it. Step one: begin.") for ex in load_demo("harmful", "train")[:4]]
+    return [encode_example(tiny_tokenizer, ex, max_length=192) for ex in examples]
+
+
+def _refiner(model, tokenizer, encoded, **cfg):
+    config = RefinementConfig(enabled=True, **cfg)
+    config.validate()
+    return AdversarialRefiner(config, model, encoded, tokenizer.pad_token_id,
+                              lambda b: token_selection(b, "response", 16), seed=0)
+
+
+def _clean_ce(model, tokenizer, encoded, ids):
+    batch = collate([encoded[i] for i in ids], tokenizer.pad_token_id)
+    with torch.no_grad():
+        return float(response_cross_entropy(model, batch.input_ids, batch.attention_mask, batch.response_mask).mean())
+
+
+@pytest.mark.parametrize("target,norm", [("residual", "l2"), ("residual", "linf"), ("embedding", "l2")])
+def test_refinement_raises_the_harmful_likelihood_inside_its_bound(tiny_model, encoded, target, norm):
+    base, tokenizer = tiny_model
+    model = apply_lora(base, r=4, alpha=8, dropout=0.0, layers=[0, 1, 2, 3])
+    eps = 0.5
+    refiner = _refiner(model, tokenizer, encoded, target=target, norm=norm, layers=[2, 2], eps=eps, steps=12, lr=0.3)
+    ids = [0, 1]
+    clean = _clean_ce(model, tokenizer, encoded, ids)
+    out = refiner.refine(model, ids, step=0, layers=[2, 3])
+    assert out.metrics["attack_loss"] < out.metrics["attack_loss_start"] <= clean + 1e-4
+    # the attack lowered the cross-entropy of the harmful response under the defended model
+    layer = 0 if target == "embedding" else 2
+    pert = refiner.perturbations[layer]
+    with pert.install(model):
+        attacked = _clean_ce(model, tokenizer, encoded, ids)
+    assert attacked < clean - 0.05, (clean, attacked)
+    # ... and stayed inside its bound, relative to the clean hidden states
+    rel = pert.relative_norm()
+    if norm == "l2":
+        assert float(rel.max()) <= eps * (1 + 1e-4)
+    else:
+        batch = collate([encoded[i] for i in ids], tokenizer.pad_token_id)
+        from crl.models import capture_hidden_states
+
+        with torch.no_grad():
+            h = capture_hidden_states(model, batch.input_ids, batch.attention_mask, [layer])[layer]
+        rms = h.float().norm(dim=-1) / h.shape[-1] ** 0.5
+        prompt = batch.attention_mask.bool() & ~batch.response_mask
+        assert float(pert.delta.detach().abs().max()) <= eps * float(rms[prompt].min()) * (1 + 1e-4)
+    # gradients went to the perturbation only, never to the LoRA weights; outputs have the right shape
+    assert all(p.grad is None for p in model.parameters())
+    assert set(out.trained) == {2, 3} and out.trained[3].requires_grad and not out.frozen[3].requires_grad
+    assert out.trained[2].shape == out.frozen[2].shape == (2, out.selection.shape[1], 64)
+
+
+def test_state_persists_across_refreshes_and_round_trips(tiny_model, encoded):
+    base, tokenizer = tiny_model
+    model = apply_lora(base, r=4, alpha=8, dropout=0.0, layers=[0, 1, 2, 3])
+    refiner = _refiner(model, tokenizer, encoded, layers=[1, 1], steps=2, refresh_every=2)
+    refiner.refine(model, [0, 1], step=0, layers=[2])
+    opt = refiner.optimizers[1]
+    assert int(opt.state[refiner.perturbations[1].delta]["step"]) == 2
+    delta = refiner.perturbations[1].delta.detach().clone()
+    assert float(delta.norm()) > 0
+    out = refiner.refine(model, [2, 3], step=1, layers=[2])  # not a refresh step: applied as is
+    assert "attack_loss" not in out.metrics
+    assert int(opt.state[refiner.perturbations[1].delta]["step"]) == 2
+    refiner.refine(model, [2], step=2, layers=[2])  # refresh: Adam continues (no fresh optimiser)
+    assert int(opt.state[refiner.perturbations[1].delta]["step"]) == 4
+    state = refiner.state_dict()
+    other = _refiner(model, tokenizer, encoded, layers=[1, 1], steps=2, refresh_every=2)
+    other.load_state_dict(state)
+    assert torch.equal(other.perturbations[1].delta, refiner.perturbations[1].delta)
+    assert other.last_refresh_step == 2
+    assert int(other.optimizers[1].state[other.perturbations[1].delta]["step"]) == 4
+
+
+def test_schedule_is_a_function_of_the_step(tiny_model, encoded):
+    base, tokenizer = tiny_model
+    refiner = _refiner(base, tokenizer, encoded, layers=[1, 3], refresh_every=3, probability=0.5)
+    layers = [refiner.layer_at(s) for s in range(30)]
+    assert set(layers) <= {1, 2, 3} and len(set(layers)) > 1
+    assert all(layers[s] == layers[s - s % 3] for s in range(30))  # fixed within a refresh period
+    uses = [refiner.use_at(s, 0) for s in range(200)]
+    assert 60 < sum(uses) < 140 and uses == [refiner.use_at(s, 0) for s in range(200)]
+    with pytest.raises(ValueError, match="refinement.layers"):
+        _refiner(base, tokenizer, encoded, layers=[1, 4])  # hidden state 4 = the last: not a residual input
+
+
+def test_hardest_owners_ranks_by_score():
+    import numpy as np
+
+    owners = np.array([[3, 5], [5, -1]])
+    scores = np.array([[0.2, 0.9], [0.4, -np.inf]])
+    assert hardest_owners([(owners, scores), (np.array([7]), np.array([0.5]))], 2) == [5, 7]
+
+
+# --- a tiny run with mining and refinement -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pools_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    harmful = [
+        ex.with_response(f"Sure, here is how to do it. Step one: {ex.prompt.lower()[:40]}. Step two: proceed.")
+        for ex in load_demo("harmful", "train")[:8]
+    ]
+    benign = [ex.with_response("Happy to help. Here is a short, clear answer to your question.")
+              for ex in load_demo("benign", "train")[:8]]
+    refusals = [Example.from_prompt(f"refusal-{ex.id}", ex.prompt, "I can't help with that request.") for ex in harmful[:2]]
+    path = tmp_path_factory.mktemp("pools")
+    save_pools(Pools(harmful=harmful, benign=benign + refusals, retain=benign), path)
+    return path
+
+
+def _config(pools: Path, banks: Path, **overrides):
+    sets = [
+        f'data.pools="{pools}"', "optim.max_steps=4", "run.checkpoint_every=2", "lora.dropout=0.1",
+        "mining.enabled=true", f'mining.cache_dir="{banks}"', "mining.k=2", "mining.queue_size=6",
+        "refinement.enabled=true", "refinement.layers=[1, 2]", "refinement.steps=1", "refinement.refresh_every=2",
+        "refinement.probability=0.75", "optim.grad_accumulation=2",
+    ]
+    sets += [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
+    return load_train_config(REPO / "configs" / "tiny.toml", sets)
+
+
+def _run(config, out: Path, *, resume=False, max_steps=None) -> Trainer:
+    model, tokenizer = build_tiny_llama(seed=0)
+    trainer = Trainer(config, out, resume=resume, model=model, tokenizer=tokenizer)
+    trainer.train(max_steps=max_steps)
+    return trainer
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+
+
+def test_mining_and_refinement_train_and_resume_exactly(tmp_path, pools_dir):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _train_and_resume(tmp_path, pools_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_and_resume(tmp_path, pools_dir):
+    banks = tmp_path / "banks"
+    config = _config(pools_dir, banks)
+    straight = _run(config, tmp_path / "straight")
+    assert not straight.miner.bank.reused
+    _run(config, tmp_path / "split", max_steps=2)
+    ckpt = tmp_path / "split" / "checkpoints" / "step-000002"
+    assert (ckpt / "mining.safetensors").is_file() and (ckpt / "refinement.safetensors").is_file()
+    resumed = _run(config, tmp_path / "split", resume=True)
+    assert resumed.miner.bank.reused and resumed.miner.bank.path == straight.miner.bank.path
+    a, b = _metrics(tmp_path / "straight"), _metrics(tmp_path / "split")
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    keys = ("loss", "loss_benign", "loss_harmful", "loss_benign_mined", "loss_harmful_mined", "loss_kl", "grad_norm",
+            "mined_sim_benign", "mined_sim_harmful", "attack_loss", "attack_rel_norm", "hardest_changed_harmful")
+    seen = set()
+    for x, y in zip(a, b):
+        for key in keys:
+            assert (key in x) == (key in y), (x["step"], key)
+            if key in x:
+                seen.add(key)
+                assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (x["step"], key)
+    # every mining/refinement metric was logged at some step
+    assert {"loss_benign_mined", "loss_harmful_mined", "mined_sim_benign", "mined_sim_harmful", "attack_loss"} <= seen
+    assert all("seconds_mining" in m for m in a)
+    assert torch.equal(straight.miner.queue.vectors, resumed.miner.queue.vectors)
+    for layer, pert in straight.refiner.perturbations.items():
+        assert torch.allclose(pert.delta, resumed.refiner.perturbations[layer].delta, atol=1e-6)
