@@ -400,7 +400,7 @@ mod dot {
     /// Software prefetch distance (bytes ahead on each streamed bank row).
     const PF_AHEAD: usize = 2048;
 
-    /// out[r * 8 + q] = <row r, query q>, for R rows and QG queries; optional row sums of squares.
+    /// out[r * DOT_MAX_Q + q] = <row r, query q>, for R rows and QG queries; optional row sums of squares.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub unsafe fn f32_512<const QG: usize, const R: usize>(
         rows: [*const f32; R], qs: [*const f32; QG], d: usize, out: *mut f32, ss: *mut f32,
@@ -429,7 +429,7 @@ mod dot {
         }
         for r in 0..R {
             for q in 0..QG {
-                *out.add(r * 8 + q) = _mm512_reduce_add_ps(acc[r][q]);
+                *out.add(r * crate::DOT_MAX_Q + q) = _mm512_reduce_add_ps(acc[r][q]);
             }
             if norm {
                 *ss.add(r) = _mm512_reduce_add_ps(nrm[r]);
@@ -472,7 +472,7 @@ mod dot {
         }
         for r in 0..R {
             for q in 0..QG {
-                *out.add(r * 8 + q) = _mm512_reduce_add_ps(acc[r][q]);
+                *out.add(r * crate::DOT_MAX_Q + q) = _mm512_reduce_add_ps(acc[r][q]);
             }
             if norm {
                 *ss.add(r) = _mm512_reduce_add_ps(nrm[r]);
@@ -509,7 +509,7 @@ mod dot {
         }
         for r in 0..R {
             for q in 0..QG {
-                *out.add(r * 8 + q) = _mm512_reduce_add_ps(acc[r][q]);
+                *out.add(r * crate::DOT_MAX_Q + q) = _mm512_reduce_add_ps(acc[r][q]);
             }
             if norm {
                 *ss.add(r) = _mm512_reduce_add_ps(nrm[r]);
@@ -573,7 +573,7 @@ mod dot {
                         for c in full * 8..d {
                             t += conv(*rows[r].add(c)) * conv(*qs[q].add(c));
                         }
-                        *out.add(r * 8 + q) = hsum256(acc[r][q]) + t;
+                        *out.add(r * crate::DOT_MAX_Q + q) = hsum256(acc[r][q]) + t;
                     }
                     if norm {
                         *ss.add(r) = hsum256(nrm[r]) + tn;
@@ -587,31 +587,35 @@ mod dot {
 }
 
 /// Streaming path: scores of rows [rb, rb + nrows) against every query (<= 8) into
-/// `out[r * 8 + q]`, and the rows' sums of squares into `sumsq` when `need_norm`.
+/// `out[r * DOT_MAX_Q + q]`, and the rows' sums of squares into `sumsq` when `need_norm`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run_dot(simd: Simd, g: Geometry, j: &Job, rb: usize, nrows: usize, out: &mut [f32], sumsq: &mut [f32], need_norm: bool) {
     const R: usize = 4;
-    assert!(g.rows == R && nrows >= 1 && nrows <= R && j.q <= crate::DOT_MAX_Q && out.len() >= R * 8 && sumsq.len() >= R);
+    assert!(g.rows == R && nrows >= 1 && nrows <= R && j.q <= crate::DOT_MAX_Q && out.len() >= R * crate::DOT_MAX_Q && sumsq.len() >= R);
     assert!(rb + nrows <= j.n);
     #[cfg(target_arch = "x86_64")]
     unsafe {
         let d = j.d;
         // rows past the end repeat the last valid row (their results are ignored)
         let rowi = |r: usize| (rb + r.min(nrows - 1)) * d;
-        // up to 4 queries: 4 rows x q accumulators; 5..8 queries: 2 rows x q, twice
+        // up to 4 queries: 4 rows x q accumulators; 5..16 queries: 2 rows x (<= 8 queries) at a
+        // time (the second query group re-reads the two rows from L1)
         let (halves, hr) = if j.q <= 4 { (1, 4) } else { (2, 2) };
+        let groups: &[(usize, usize)] = if j.q <= 8 { &[(0, 8)] } else { &[(0, 8), (8, 16)] };
         for h in 0..halves {
+          for &(g0, g1) in groups {
             let r0 = h * hr;
-            let ss = if need_norm { sumsq.as_mut_ptr().add(r0) } else { std::ptr::null_mut() };
-            let o = out.as_mut_ptr().add(r0 * 8);
+            let ss = if need_norm && g0 == 0 { sumsq.as_mut_ptr().add(r0) } else { std::ptr::null_mut() };
+            let o = out.as_mut_ptr().add(r0 * crate::DOT_MAX_Q + g0);
+            let nq = j.q.min(g1) - g0;
             macro_rules! go {
                 ($f:ident, $bank:expr, $qs:expr) => {{
                     let b = $bank;
                     let qsl = $qs;
-                    let qp = |i: usize| qsl.as_ptr().add(i * d);
+                    let qp = |i: usize| qsl.as_ptr().add((g0 + i) * d);
                     if hr == 4 {
                         let rows: [_; 4] = std::array::from_fn(|r| b.as_ptr().add(rowi(r)));
-                        match j.q {
+                        match nq {
                             1 => dot::$f::<1, 4>(rows, [qp(0)], d, o, ss),
                             2 => dot::$f::<2, 4>(rows, std::array::from_fn(qp), d, o, ss),
                             3 => dot::$f::<3, 4>(rows, std::array::from_fn(qp), d, o, ss),
@@ -619,7 +623,11 @@ pub(crate) fn run_dot(simd: Simd, g: Geometry, j: &Job, rb: usize, nrows: usize,
                         }
                     } else {
                         let rows: [_; 2] = std::array::from_fn(|r| b.as_ptr().add(rowi(r0 + r)));
-                        match j.q {
+                        match nq {
+                            1 => dot::$f::<1, 2>(rows, [qp(0)], d, o, ss),
+                            2 => dot::$f::<2, 2>(rows, std::array::from_fn(qp), d, o, ss),
+                            3 => dot::$f::<3, 2>(rows, std::array::from_fn(qp), d, o, ss),
+                            4 => dot::$f::<4, 2>(rows, std::array::from_fn(qp), d, o, ss),
                             5 => dot::$f::<5, 2>(rows, std::array::from_fn(qp), d, o, ss),
                             6 => dot::$f::<6, 2>(rows, std::array::from_fn(qp), d, o, ss),
                             7 => dot::$f::<7, 2>(rows, std::array::from_fn(qp), d, o, ss),
@@ -636,6 +644,7 @@ pub(crate) fn run_dot(simd: Simd, g: Geometry, j: &Job, rb: usize, nrows: usize,
                 (Simd::Avx2, Elems::Bf16(b), Elems::Bf16(q)) => go!(bf16_256, b, q),
                 _ => unreachable!("streaming path on {simd:?}"),
             }
+          }
         }
         if !need_norm {
             sumsq[..R].fill(0.0);

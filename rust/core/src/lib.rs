@@ -319,7 +319,7 @@ pub(crate) struct Geometry {
     pub dot: bool,
 }
 
-/// Up to this many queries (per job) use the streaming dot-product kernels.
+/// Up to this many queries (per job) use the streaming dot-product kernels (`lanes` = this).
 pub const DOT_MAX_Q: usize = 8;
 
 pub(crate) fn geometry(simd: Simd, bf16: bool, q: usize) -> Geometry {
