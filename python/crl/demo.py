@@ -34,6 +34,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--baselines", action="store_true", help="also train Circuit Breakers and RepBend with the same budget")
     parser.add_argument("--skip-eval", action="store_true", help="stop after the side-by-side comparison")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, all cores)")
 
 
 def _train(method: str, config_overrides: list[str], model: Any, tokenizer: Any, out: Path, pools: Path):
@@ -113,6 +114,10 @@ def run_demo(args: argparse.Namespace) -> int:
 
     out: Path = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     config = load_train_config(preset_path(), args.set)
