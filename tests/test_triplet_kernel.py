@@ -324,3 +324,54 @@ def test_bench_smoke(tmp_path):
     data = json.loads(out.read_text())
     assert data["mode"] == "smoke" and data["cases"]
     assert all(case["max_abs_grad_error"] < 1e-4 for case in data["cases"])
+
+
+_COMPILE_SCRIPT = r"""
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, sys.argv[1])
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from crl.kernels.triplet import _kernels, default_config
+
+kernel = _kernels().triplet_fwd_kernel
+sig = dict(a_ptr="*bf16", p_ptr="*bf16", n_ptr="*bf16", pidx_ptr="*i64", nidx_ptr="*i64", w_ptr="*fp32",
+           scale_ptr="*fp32", ga_ptr="*bf16", gp_ptr="*fp32", gn_ptr="*fp32", part_ptr="*fp32")
+sig.update({name: "i32" for name in ("R", "D", "K", "ITERS", "stride_a", "stride_p", "stride_ns", "stride_nk",
+                                     "stride_ga", "stride_gp", "stride_gns", "stride_gnk")})
+sig.update(margin="fp32", mix_weight="fp32")
+# (d, k, dist_p, dist_n, shared p, shared n, need gp, need gn): the bench's cases and a fully loaded one
+for d, k, dp, dn, sp, sn, ngp, ngn in [(4096, 1, 0, 1, False, False, False, False),
+                                       (4096, 4, 1, 1, True, True, True, False),
+                                       (4096, 4, 3, 2, True, True, True, True)]:
+    cfg = default_config(d, k, sp and ngp, sn and ngn)
+    const = dict(DIST_P=dp, DIST_N=dn, P_L2=dp in (0, 3), P_COS=dp in (1, 2, 3), N_L2=dn in (0, 3),
+                 N_COS=dn in (1, 2, 3), HAS_PIDX=sp, HAS_NIDX=sn, HAS_W=True, NEED_GA=True, NEED_GP=ngp,
+                 NEED_GN=ngn, GP_ATOMIC=sp, GN_ATOMIC=sn, SINGLE_PASS=cfg.single_pass, BLOCK_R=cfg.block_r,
+                 BLOCK_K=1 << (k - 1).bit_length(), BLOCK_D=max(cfg.block_d, 4096) if cfg.single_pass else cfg.block_d)
+    s = dict(sig)
+    s.update({c: "constexpr" for c in const})
+    compiled = triton.compile(ASTSource(fn=kernel, signature=s, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=cfg.num_warps))
+    assert "cubin" in compiled.asm, cfg
+    print("compiled", cfg.describe())
+"""
+
+
+@pytest.mark.slow
+def test_compiles_for_sm90_without_a_gpu(tmp_path):
+    """The interpreter accepts code the compiler rejects: compile the default configurations for an
+    H100/H200 (sm_90) ahead of time, in a subprocess without TRITON_INTERPRET (no GPU needed)."""
+    import subprocess
+
+    script = tmp_path / "compile_check.py"
+    script.write_text(_COMPILE_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
+    proc = subprocess.run([sys.executable, str(script), str(REPO / "python")], capture_output=True, text=True,
+                          env=env, timeout=600)
+    if proc.returncode != 0 and ("ptxas" in proc.stderr and "not found" in proc.stderr.lower()):
+        pytest.skip("no ptxas in this triton install")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("compiled") == 3

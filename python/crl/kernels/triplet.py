@@ -104,10 +104,14 @@ class KernelConfig:
 
 
 def default_config(d: int, k: int, shared_positive: bool, shared_negative: bool, *, device_type: str = "cuda") -> KernelConfig:
-    """Heuristic launch configuration (not tuned on hardware yet: see benches/triplet_kernel.py).
+    """Heuristic launch configuration. Not timed on hardware yet (see benches/triplet_kernel.py).
 
-    Rows whose fp32 tiles fit in registers (whole d at once) are processed in one pass over memory;
-    otherwise two passes over d in chunks (the second one mostly hits L2).
+    Rows whose fp32 tiles fit in registers (the whole of d at once) are read from memory once;
+    otherwise two passes over d in chunks (the second mostly from L2). The sizes keep the register
+    use below spilling for sm_90 as reported by ptxas (compiled without a GPU): single pass d=4096,
+    k=1, 16 warps: 64 registers; two passes BLOCK_R=4, BLOCK_D=128, k=4 with a shared positive,
+    8 warps: 166 registers. Single-pass tiles with k=4 and atomics made ptxas run for many minutes,
+    hence the cap.
     """
     bk = _next_pow2(k)
     bd_full = _next_pow2(d)
@@ -118,13 +122,14 @@ def default_config(d: int, k: int, shared_positive: bool, shared_negative: bool,
         single = bd >= d
         return KernelConfig(block_r=8 if single else 4, block_d=bd if not single else bd_full, single_pass=single,
                             num_warps=4, programs_per_sm=1)
-    if bd_full * tiles <= 16384:
-        warps = 8 if bd_full * tiles >= 4096 else 4
+    if bd_full * tiles <= 12288:
+        elems = bd_full * tiles
+        warps = 16 if elems > 6144 else 8 if elems > 2048 else 4
         return KernelConfig(block_r=1, block_d=bd_full, single_pass=True, num_warps=warps, programs_per_sm=4)
-    bd = min(bd_full, 512 if bk == 1 else 128)
-    br = max(1, min(16, 8192 // (bd * tiles)))
+    bd = min(bd_full, 256 if bk == 1 else 128)
+    br = max(1, min(16, 4096 // (bd * tiles)))
     br = 1 << (br.bit_length() - 1)
-    return KernelConfig(block_r=br, block_d=bd, single_pass=False, num_warps=4, programs_per_sm=4)
+    return KernelConfig(block_r=br, block_d=bd, single_pass=False, num_warps=8, programs_per_sm=4)
 
 
 def _num_programs(n_blocks: int, device: torch.device, cfg: KernelConfig) -> tuple[int, int]:
