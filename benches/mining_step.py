@@ -86,7 +86,8 @@ def part1(args) -> list[dict]:
             groups = np.arange(n, dtype=np.int64)
             cache: dict[bool, np.ndarray] = {}
             for backend in args.backends:
-                row = {"backend": backend, "n": n, "d": d, "queries": args.queries, "k": args.k, "seconds": None}
+                row = {"backend": backend, "n": n, "d": d, "queries": args.queries, "k": args.k, "seconds": None,
+                       "threads": (args.faiss_threads if backend.startswith("faiss") and args.faiss_threads else args.threads)}
                 need = bytes_needed(backend, n, d)
                 if need > limit:
                     row["skipped"] = f"needs {need / 2**30:.1f} GiB > --max-gib {args.max_gib:.1f}"
@@ -104,7 +105,8 @@ def part1(args) -> list[dict]:
                     gc.collect()
                     cache[bf16] = synthetic_bank(n, d, bf16=bf16)
                 bank = cache[bf16]
-                params = IndexParams(metric="cosine", nlist=args.nlist, nprobe=args.nprobe, threads=args.threads,
+                threads = args.faiss_threads if backend.startswith("faiss") and args.faiss_threads else args.threads
+                params = IndexParams(metric="cosine", nlist=args.nlist, nprobe=args.nprobe, threads=threads,
                                      train_size=40 * args.nlist, hnsw_ef_construction=40)
                 index = make_index("native" if bf16 else backend, params)
                 try:
@@ -191,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nlist", type=int, default=256)
     parser.add_argument("--nprobe", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--faiss-threads", type=int, default=None,
+                        help="OpenMP threads of the FAISS backends (default: --threads). With torch loaded in the "
+                             "process, FAISS's OpenMP threads can contend with torch's on few cores: try 1")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-gib", type=float, default=None)
     parser.add_argument("--hnsw-max-elements", type=float, default=6e7)
