@@ -212,3 +212,51 @@ def test_mining_step_bench_quick(tmp_path):
     backends = {r["backend"] for r in data["mining"] if r.get("seconds") is not None}
     assert {"native_fp32", "native_bf16", "faiss_flat"} <= backends
     assert "step" in data and data["step"]
+
+
+# --- the loss with mined negatives --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("combine", ["add", "replace"])
+def test_mined_terms_in_the_loss(tmp_path, tiny_model, harmful_encoded, tiny_tokenizer, monkeypatch, combine):
+    import crl.kernels
+    from crl.models import apply_lora
+    from crl.training.config import LossConfig, MiningConfig
+    from crl.training.step import LossComputer, StepBatches
+
+    model, tokenizer = tiny_model
+    bank = _bank(model, tokenizer, harmful_encoded, tmp_path, [2, 3])
+    miner = HardNegativeMiner(bank, benign_layers=[2, 3], target_layers=[3], k=3, backend="native", queue_size=5)
+    peft = apply_lora(model, r=4, alpha=8, dropout=0.0, layers=[0, 1, 2])
+    benign = [encode_example(tokenizer, ex.with_response("Happy to help with that."), max_length=192)
+              for ex in load_demo("benign", "train")[:2]]
+    contrast = collate(benign + harmful_encoded[:3], tokenizer.pad_token_id)
+    batches = StepBatches(contrast=contrast, num_benign=2, retain=None, selection=token_selection(contrast, "response", 16),
+                          benign_ids=torch.tensor([0, 1]), harmful_ids=torch.tensor([0, 1, 2]))
+    loss_cfg = LossConfig(target_layers=[3], benign_layers=[2, 3])
+    mining = MiningConfig(enabled=True, k=3, combine=combine, weight=0.5)
+    calls = []
+    real = crl.kernels.triplet_loss
+
+    def spy(anchors, positives, negatives, **kw):
+        calls.append((tuple(anchors.shape), tuple(negatives.shape), kw.get("negative_index")))
+        return real(anchors, positives, negatives, **kw)
+
+    monkeypatch.setattr(crl.kernels, "triplet_loss", spy)
+    out = LossComputer(peft, loss_cfg, miner=miner, mining=mining)(batches, 0.0)
+    m = out.metrics
+    # the mined negatives reach the kernel per sample: [L * S, k, d] with a row -> entry index
+    mined_calls = [c for c in calls if len(c[1]) == 3 and c[1][1] == 3]
+    assert sorted(c[1] for c in mined_calls) == [(1 * 3, 3, 64), (2 * 2, 3, 64)]
+    for anchors, negatives, index in mined_calls:
+        assert index is not None and index.shape == (anchors[0],) and int(index.max()) < negatives[0]
+    assert {"loss_benign_mined", "loss_harmful_mined", "mined_sim_benign", "mined_sim_harmful", "seconds_mining"} <= set(m)
+    if combine == "add":
+        expected = 0.5 * (m["loss_benign"] + 0.5 * m["loss_benign_mined"]) + 0.6 * (m["loss_harmful"] + 0.5 * m["loss_harmful_mined"])
+    else:
+        assert "loss_benign" not in m and "loss_harmful" not in m
+        expected = 0.5 * m["loss_benign_mined"] + 0.6 * m["loss_harmful_mined"]
+    assert m["loss"] == pytest.approx(expected, rel=1e-5)
+    out.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in peft.named_parameters() if "lora_" in n)
+    assert miner.queue.version == 2  # refreshed with the batch's trained harmful states
