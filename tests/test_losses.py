@@ -178,3 +178,24 @@ def test_select_rows_and_pooling() -> None:
     assert rows.states[0].tolist() == [[0.0, 1.0], [4.0, 5.0], [8.0, 9.0]]
     pooled = pooled_by_sample(rows.states, rows.row_sample, 2)
     assert pooled[0].tolist() == [[2.0, 3.0], [8.0, 9.0]]
+
+
+def test_layer_frame_centres_and_scales() -> None:
+    from crl.losses.objectives import LayerFrame
+
+    torch.manual_seed(0)
+    shared = torch.tensor([50.0, -30.0, 0.0, 0.0])  # a large component every token carries
+    frozen = shared + torch.randn(2, 9, 4)
+    frame = LayerFrame.fit(frozen, center=True, scale=True)
+    out = frame.apply(frozen)
+    assert torch.allclose(out.mean(dim=1), torch.zeros(2, 4), atol=1e-5)
+    assert torch.allclose(out.norm(dim=-1).mean(dim=1), torch.ones(2), atol=1e-5)
+    # [L, S, k, d] tensors (mined negatives) get the same per-layer map
+    negatives = frozen[:, :6].reshape(2, 3, 2, 4)
+    assert torch.allclose(frame.apply(negatives), out[:, :6].reshape(2, 3, 2, 4), atol=1e-6)
+    # raw cosines are dominated by the shared component; centred ones are not
+    raw = torch.nn.functional.cosine_similarity(frozen[0, 0], frozen[0, 1], dim=0)
+    centred = torch.nn.functional.cosine_similarity(out[0, 0], out[0, 1], dim=0)
+    assert raw > 0.99 and abs(centred) < 0.9
+    plain = LayerFrame.fit(frozen, center=False, scale=False)
+    assert plain.apply(frozen) is frozen

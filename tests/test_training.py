@@ -198,3 +198,22 @@ def test_token_selection_modes() -> None:
     assert token_selection(batch, "first_response", 2).tolist() == [
         [False, False, True, True, False], [False, True, True, False, False]
     ]
+
+
+def test_retain_logits_equal_the_model_logits(tiny_model) -> None:
+    from crl.data import Batch
+    from crl.training.step import _final_logits
+
+    model, _ = tiny_model
+    model.eval()
+    with torch.no_grad():  # a non-trivial final norm: applying it twice would change the logits
+        model.model.norm.weight.uniform_(0.5, 2.0)
+    ids = torch.randint(3, 200, (2, 7))
+    attention = torch.ones_like(ids)
+    attention[1, 5:] = 0
+    batch = Batch(ids, attention, torch.zeros_like(ids, dtype=torch.bool), torch.zeros_like(ids, dtype=torch.bool))
+    mask = attention.bool()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=attention).logits[mask]
+        got = _final_logits(model, batch, mask)
+    assert torch.allclose(got, expected, atol=1e-5)

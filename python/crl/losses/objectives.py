@@ -48,6 +48,52 @@ def layer_scale(frozen: torch.Tensor) -> torch.Tensor:
         return frozen.float().norm(dim=-1).mean(dim=-1).clamp_min(1e-6)
 
 
+@dataclass
+class LayerFrame:
+    """A per-layer affine frame for hidden states: x -> (x - center) / scale, both detached.
+
+    Chat models' residual streams carry a large component shared by every token (a few "massive
+    activation" dimensions: on SmolLM2 the mean state is about 70% of a state's norm), which makes raw
+    cosines between any two states about 0.7 and nearly insensitive to what the model represents.
+    Subtracting the mean of the frozen model's states makes cosines measure content (benign vs harmful
+    centroids: raw cosine 0.7, centred -0.1); dividing by the mean centred norm makes l2 distances and
+    their margins relative to the layer's scale, which grows several-fold with depth.
+    """
+
+    center: torch.Tensor | None
+    """[L, d] or None."""
+    scale: torch.Tensor | None
+    """[L] or None."""
+
+    @classmethod
+    def fit(cls, frozen: torch.Tensor, *, center: bool, scale: bool) -> "LayerFrame":
+        """Fit on frozen states [L, R, d]."""
+        with torch.no_grad():
+            x = frozen.float()
+            mean = x.mean(dim=1) if center and x.shape[1] > 0 else None
+            spread = None
+            if scale:
+                centred = x - mean[:, None, :] if mean is not None else x
+                spread = centred.norm(dim=-1).mean(dim=-1).clamp_min(1e-6)
+        return cls(mean, spread)
+
+    def select(self, idx: list[int]) -> "LayerFrame":
+        return LayerFrame(
+            self.center[idx] if self.center is not None else None, self.scale[idx] if self.scale is not None else None
+        )
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [L, ..., d] with the layer first."""
+        extra = (1,) * (x.dim() - 2)
+        if self.center is not None:
+            c = self.center.to(x.device)
+            x = x - c.reshape(c.shape[0], *extra, c.shape[1]).to(x.dtype)
+        if self.scale is not None:
+            sc = self.scale.to(x.device)
+            x = x / sc.reshape(sc.shape[0], *extra, 1).to(x.dtype)
+        return x
+
+
 def _flatten_layers(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[L, R, d] -> ([L*R, d], layer index [L*R])."""
     num_layers, rows, dim = x.shape
@@ -188,6 +234,6 @@ def repbend_terms(
 
 
 __all__ = [
-    "LayerRows", "circuit_breaker_terms", "crl_benign_triplet", "crl_harmful_triplet", "layer_scale",
+    "LayerFrame", "LayerRows", "circuit_breaker_terms", "crl_benign_triplet", "crl_harmful_triplet", "layer_scale",
     "pooled_by_sample", "repbend_terms", "retain_kl", "select_rows",
 ]

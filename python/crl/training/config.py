@@ -90,6 +90,9 @@ class LossConfig:
     mix_weight: float = 1.0
     benign_margin: float = 0.5
     harmful_margin: float = 0.5
+    center_states: bool = True
+    """Subtract each layer's mean frozen state (over the micro-batch's selected tokens) before the
+    distances: removes the component every token shares, which otherwise dominates cosines."""
     normalize_layer_scale: bool = True
     """Divide each layer's states by the mean norm of the frozen model's states there, so that l2
     distances (and their margins) are relative to the layer's scale, which grows with depth."""

@@ -22,12 +22,12 @@ from crl.losses.objectives import (
     circuit_breaker_terms,
     crl_benign_triplet,
     crl_harmful_triplet,
-    layer_scale,
+    LayerFrame,
     repbend_terms,
     retain_kl,
     select_rows,
 )
-from crl.models import capture_hidden_states, final_norm, num_hidden_layers, unwrap_model
+from crl.models import capture_hidden_states, num_hidden_layers, unwrap_model
 from crl.losses.objectives import pooled_by_sample
 from crl.training.config import LossConfig, MiningConfig
 
@@ -82,15 +82,12 @@ def token_selection(batch: Batch, mode: str, first_n: int) -> torch.Tensor:
 
 
 def _final_logits(model: torch.nn.Module, batch: Batch, token_mask: torch.Tensor) -> torch.Tensor:
-    """Logits [N, V] at the masked tokens only: the last decoder layer's output through the final
-    norm and LM head, without materialising [B, T, V]."""
+    """Logits [N, V] at the masked tokens only: the last hidden state (layer L, which crl's capture
+    takes after the final norm, as transformers' hidden_states[-1]) through the LM head, without
+    materialising [B, T, V]."""
     last = num_hidden_layers(model)
     hidden = capture_hidden_states(model, batch.input_ids, batch.attention_mask, [last])[last]
-    rows = hidden[token_mask]
-    norm = final_norm(model)
-    if norm is not None:
-        rows = norm(rows)
-    return unwrap_model(model).get_output_embeddings()(rows)
+    return unwrap_model(model).get_output_embeddings()(hidden[token_mask])
 
 
 class LossComputer:
@@ -185,10 +182,10 @@ class LossComputer:
         fb, tb = self._rows(frozen_hidden, benign_sel), self._rows(trained_hidden, benign_sel)
         fh, th = self._rows(frozen_hidden, harmful_sel), self._rows(trained_hidden, harmful_sel)
         fb_s, tb_s, fh_s, th_s = fb.states, tb.states, fh.states, th.states
-        scale = None
-        if cfg.normalize_layer_scale:
-            scale = layer_scale(torch.cat([fb.states, fh.states], dim=1))[:, None, None]
-            fb_s, tb_s, fh_s, th_s = fb_s / scale, tb_s / scale, fh_s / scale, th_s / scale
+        frame = LayerFrame.fit(
+            torch.cat([fb.states, fh.states], dim=1), center=cfg.center_states, scale=cfg.normalize_layer_scale
+        )
+        fb_s, tb_s, fh_s, th_s = (frame.apply(x) for x in (fb_s, tb_s, fh_s, th_s))
         centroid = th_s.float().mean(dim=1)  # [L, d], the collapsed harmful region (carries grad)
         benign_idx = [self.layers.index(l) for l in cfg.resolved_benign_layers]
         target_idx = [self.layers.index(l) for l in cfg.target_layers]
@@ -199,7 +196,7 @@ class LossComputer:
             mined = self._mine(fb, tb, fh, th, batches, metrics)
             if mined["attacked"] is not None:
                 fa, ta = mined["attacked"]
-                fa_s, ta_s = (fa.states / scale, ta.states / scale) if scale is not None else (fa.states, ta.states)
+                fa_s, ta_s = frame.apply(fa.states), frame.apply(ta.states)
                 # the attacked harmful states join the harmful anchors (the centroid stays the clean batch's)
                 th_s, fh_s = torch.cat([th_s, ta_s], dim=1), torch.cat([fh_s, fa_s], dim=1)
         replace = mined is not None and self.mining.combine == "replace"
@@ -219,7 +216,7 @@ class LossComputer:
                 )
             if mined is not None:
                 negatives, index = self._mined_negatives(
-                    mined["benign"], mined["benign_rows"], scale[benign_idx] if scale is not None else None, tb_s.device
+                    mined["benign"], mined["benign_rows"], frame.select(benign_idx), tb_s.device
                 )
                 out_bm = crl_benign_triplet(
                     tb_s[benign_idx], fb_s[benign_idx], centroid[benign_idx],
@@ -248,7 +245,7 @@ class LossComputer:
                 )
             if mined is not None:
                 negatives, index = self._mined_negatives(
-                    mined["harmful"], mined["harmful_rows"], scale[target_idx] if scale is not None else None, th_s.device
+                    mined["harmful"], mined["harmful_rows"], frame.select(target_idx), th_s.device
                 )
                 out_hm = crl_harmful_triplet(
                     th_s[target_idx], fh_s[target_idx], centroid[target_idx],
@@ -268,13 +265,11 @@ class LossComputer:
     # --- mining and refinement -----------------------------------------------------------------
 
     @staticmethod
-    def _mined_negatives(mined, row_sample, scale, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample negatives [L * S, k, d] (entry l * S + s; divided by the layer scale like the
-        states, `scale` [L, 1, 1] or None) and the row -> entry index [L * R]. Never broadcast to rows."""
-        negatives = mined.negatives.to(device)  # [L, S, k, d]
+    def _mined_negatives(mined, row_sample, frame: LayerFrame, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample negatives [L * S, k, d] (entry l * S + s; in the same layer frame as the states)
+        and the row -> entry index [L * R]. Never broadcast to rows."""
+        negatives = frame.apply(mined.negatives.to(device))  # [L, S, k, d]
         num_layers, num_samples = negatives.shape[0], negatives.shape[1]
-        if scale is not None:
-            negatives = negatives / scale.reshape(-1).to(device)[:, None, None, None]
         negatives = negatives.reshape(num_layers * num_samples, *negatives.shape[2:])
         rows = row_sample.to(device)
         index = (torch.arange(num_layers, device=device)[:, None] * num_samples + rows[None, :]).reshape(-1)
