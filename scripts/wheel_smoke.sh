@@ -27,6 +27,9 @@ scores, ids = native.search(queries, bank, 5)
 expected = np.argsort(-(queries @ bank.T), axis=1, kind="stable")[:, :5]
 assert (ids == expected).all(), (ids, expected)
 print("native search ok:", native.simd_path(), "from", crl.__file__)
+from crl.demo import preset_path
+from crl.data import load_demo
+assert preset_path().is_file() and len(load_demo("harmful", "train")) > 50, "package data missing from the wheel"
 PY
 cat > "$work/smoke.toml" <<'TOML'
 [model]
