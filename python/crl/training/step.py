@@ -33,6 +33,7 @@ from crl.training.config import LossConfig, MiningConfig
 
 if TYPE_CHECKING:
     from crl.mining import HardNegativeMiner
+    from crl.training.distributed import DistributedContext
     from crl.training.refinement import AdversarialRefiner
 
 
@@ -102,8 +103,11 @@ class LossComputer:
         miner: HardNegativeMiner | None = None,
         mining: MiningConfig | None = None,
         refiner: AdversarialRefiner | None = None,
+        dist: DistributedContext | None = None,
     ) -> None:
         self.model = model
+        self.dist = dist
+        """Multi-process context (None: one process, the plain code path); see crl.training.distributed."""
         self.config = config
         self.layers = config.captured_layers
         self.autocast = autocast
@@ -163,6 +167,8 @@ class LossComputer:
             with self._amp():
                 trained_logits = _final_logits(self.model, retain, kl_mask)
             kl = retain_kl(frozen_logits, trained_logits, cfg.kl_temperature)
+            if self.dist is not None and cfg.method == "crl":
+                kl = self.dist.shard_mean(kl, int(kl_mask.sum()))  # this rank's share of the global token mean
             weight = cfg.gamma.at(progress) if cfg.method == "crl" else cfg.epsilon.at(progress)
             loss = loss + weight * kl
             metrics["loss_kl"] = float(kl.detach())
@@ -170,6 +176,13 @@ class LossComputer:
             timings["seconds_retain_passes"] = time.perf_counter() - t3
         metrics.update(timings)
         metrics["loss"] = float(loss.detach())
+        if self.dist is not None:
+            # crl: each rank's loss is its share of the global loss (gradients are summed over ranks);
+            # the baselines: local means, averaged over ranks.
+            exact = cfg.method == "crl"
+            metrics = self.dist.reduce_metrics(metrics, additive=exact)
+            if not exact:
+                loss = loss / self.dist.world_size
         return StepOutput(loss, metrics)
 
     # --- methods -------------------------------------------------------------------------------
@@ -177,16 +190,28 @@ class LossComputer:
     def _rows(self, hidden: dict[int, torch.Tensor], mask: torch.Tensor) -> LayerRows:
         return select_rows(hidden, mask, self.layers)
 
+    # Under multi-process training these give the global quantities (crl.training.distributed).
+
+    def _has_rows(self, states: torch.Tensor) -> bool:
+        return states.shape[1] > 0 if self.dist is None else self.dist.has_rows(states.shape[1])
+
+    def _share(self, out, rows: int):
+        return out if self.dist is None else self.dist.shard_triplet(out, rows)
+
     def _crl(self, frozen_hidden, trained_hidden, benign_sel, harmful_sel, progress, metrics, batches=None) -> torch.Tensor:
         cfg = self.config
         fb, tb = self._rows(frozen_hidden, benign_sel), self._rows(trained_hidden, benign_sel)
         fh, th = self._rows(frozen_hidden, harmful_sel), self._rows(trained_hidden, harmful_sel)
         fb_s, tb_s, fh_s, th_s = fb.states, tb.states, fh.states, th.states
-        frame = LayerFrame.fit(
+        fit = LayerFrame.fit if self.dist is None else self.dist.fit_frame
+        frame = fit(
             torch.cat([fb.states, fh.states], dim=1), center=cfg.center_states, scale=cfg.normalize_layer_scale
         )
         fb_s, tb_s, fh_s, th_s = (frame.apply(x) for x in (fb_s, tb_s, fh_s, th_s))
-        centroid = th_s.float().mean(dim=1)  # [L, d], the collapsed harmful region (carries grad)
+        if self.dist is None:
+            centroid = th_s.float().mean(dim=1)  # [L, d], the collapsed harmful region (carries grad)
+        else:
+            centroid = self.dist.global_row_mean(th_s)  # the global batch's, gradient to every rank's rows
         benign_idx = [self.layers.index(l) for l in cfg.resolved_benign_layers]
         target_idx = [self.layers.index(l) for l in cfg.target_layers]
         alpha, beta = cfg.alpha.at(progress), cfg.beta.at(progress)
@@ -201,7 +226,7 @@ class LossComputer:
                 th_s, fh_s = torch.cat([th_s, ta_s], dim=1), torch.cat([fh_s, fa_s], dim=1)
         replace = mined is not None and self.mining.combine == "replace"
         w_mined = 1.0 if replace else self.mining.weight
-        if fb_s.shape[1] > 0:
+        if self._has_rows(fb_s):
             loss_b = None
             if not replace:
                 out_b = crl_benign_triplet(
@@ -209,6 +234,7 @@ class LossComputer:
                     positive_distance=cfg.benign_positive_distance, negative_distance=cfg.benign_negative_distance,
                     margin=cfg.benign_margin, mix_weight=cfg.mix_weight,
                 )
+                out_b = self._share(out_b, tb_s.shape[1])
                 loss_b = out_b.loss
                 metrics.update(
                     loss_benign=float(out_b.loss.detach()), active_benign=float(out_b.active_fraction),
@@ -224,13 +250,14 @@ class LossComputer:
                     margin=cfg.benign_margin, mix_weight=cfg.mix_weight,
                     extra_negatives=negatives, extra_negative_index=index,
                 )
+                out_bm = self._share(out_bm, tb_s.shape[1])
                 loss_b = w_mined * out_bm.loss if loss_b is None else loss_b + w_mined * out_bm.loss
                 metrics.update(
                     loss_benign_mined=float(out_bm.loss.detach()), active_benign_mined=float(out_bm.active_fraction),
                     benign_d_neg_mined=float(out_bm.mean_negative_distance),
                 )
             loss = loss + alpha * loss_b
-        if th_s.shape[1] > 0:
+        if self._has_rows(th_s):
             loss_h = None
             if not replace:
                 out_h = crl_harmful_triplet(
@@ -238,6 +265,7 @@ class LossComputer:
                     positive_distance=cfg.harmful_positive_distance, negative_distance=cfg.harmful_negative_distance,
                     margin=cfg.harmful_margin, mix_weight=cfg.mix_weight,
                 )
+                out_h = self._share(out_h, th_s.shape[1])
                 loss_h = out_h.loss
                 metrics.update(
                     loss_harmful=float(out_h.loss.detach()), active_harmful=float(out_h.active_fraction),
@@ -253,6 +281,7 @@ class LossComputer:
                     margin=cfg.harmful_margin, mix_weight=cfg.mix_weight,
                     extra_negatives=negatives, extra_negative_index=index,
                 )
+                out_hm = self._share(out_hm, th_s.shape[1])
                 loss_h = w_mined * out_hm.loss if loss_h is None else loss_h + w_mined * out_hm.loss
                 metrics.update(
                     loss_harmful_mined=float(out_hm.loss.detach()), active_harmful_mined=float(out_hm.active_fraction),
@@ -300,10 +329,16 @@ class LossComputer:
                "attacked": None}
         refiner = self.refiner
         if refiner is not None and refiner.use_at(batches.step, batches.micro):
-            owners = hardest_owners(
-                [(mined_b.owners[..., 0], mined_b.scores[..., 0]), (mined_h.owners[..., 0], mined_h.scores[..., 0])],
-                refiner.config.samples,
-            )
+            candidates = [(mined_b.owners[..., 0], mined_b.scores[..., 0]), (mined_h.owners[..., 0], mined_h.scores[..., 0])]
+            if self.dist is not None:  # the global batch's hardest owners, the same on every rank
+                candidates = [c for part in self.dist.all_gather_object(candidates) for c in part]
+            owners = hardest_owners(candidates, refiner.config.samples)
+            if owners and self.dist is not None and not self.dist.is_main:
+                # Every rank runs the same attack (so that the persistent perturbation stays identical),
+                # but only the main rank's loss uses the attacked anchors (counted once, as in one process).
+                refined = refiner.refine(self.model, owners, batches.step, self.layers)
+                metrics.update(refined.metrics)
+                owners = []
             if owners:
                 refined = refiner.refine(self.model, owners, batches.step, self.layers)
                 fa = select_rows(refined.frozen, refined.selection, self.layers)
@@ -327,7 +362,10 @@ class LossComputer:
                 raise RuntimeError(
                     f"mining: some {kind} samples found no negative (the bank must hold at least two harmful samples)"
                 )
-        miner.push(pooled_h[benign_idx], harmful_ids)
+        if self.dist is None:
+            miner.push(pooled_h[benign_idx], harmful_ids)
+        else:  # the global batch's vectors, in global order: every rank keeps the same queue
+            miner.push(self.dist.all_gather_cat(pooled_h[benign_idx], 1), self.dist.all_gather_cat(harmful_ids, 0))
         metrics.update(stats.values)
         # mining = pooling the queries, the searches, gathering the negatives and the queue refresh
         metrics["seconds_mining"] = time.perf_counter() - t0 - metrics.get("seconds_refinement", 0.0)

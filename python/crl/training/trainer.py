@@ -1,6 +1,7 @@
 """The training loop: LoRA fine-tuning with CRL (or a baseline), checkpointed and resumable.
 
-Runs the same on one CPU process and under `accelerate launch` (see docs). Every schedule counts
+Runs the same on one CPU process and under `accelerate launch` (data parallel: each rank takes a
+slice of every global batch; see crl.training.distributed and docs/distributed.md). Every schedule counts
 optimizer steps. Each optimizer step appends one JSON object to `metrics.jsonl`; every
 `run.checkpoint_every` steps an atomic checkpoint is written, from which `--resume` continues with
 exactly the trajectory an uninterrupted run would have had (same data order, RNG and optimizer state).
@@ -45,10 +46,13 @@ def seed_everything(seed: int) -> None:
 class PoolStream:
     """An endless, resumable stream of micro-batches from one pool, grouped by length."""
 
-    def __init__(self, encoded: list[EncodedExample], batch_size: int, seed: int) -> None:
+    def __init__(self, encoded: list[EncodedExample], batch_size: int, seed: int, min_size: int = 1) -> None:
         if not encoded:
             raise ValueError("pool is empty after encoding")
         self.encoded = encoded
+        self.min_size = min_size
+        """Batches smaller than this (an epoch's incomplete last batch) are skipped: with W processes,
+        one of fewer than W examples would leave a rank without any."""
         self.sampler = LengthGroupedBatchSampler(
             [len(e.input_ids) for e in encoded], batch_size, seed=seed, shuffle=True
         )
@@ -60,6 +64,8 @@ class PoolStream:
     def next_batch_with_indices(self) -> tuple[list[EncodedExample], list[int]]:
         """The next micro-batch and the pool indices of its examples."""
         indices = list(next(self._iter))
+        while len(indices) < self.min_size:
+            indices = list(next(self._iter))
         return [self.encoded[i] for i in indices], indices
 
     def state_dict(self) -> dict[str, Any]:
@@ -127,6 +133,11 @@ class Trainer:
             cpu=not torch.cuda.is_available(),
         )
         self.is_main = self.accelerator.is_main_process
+        from crl.training.distributed import DistributedContext
+
+        self.dist = DistributedContext.from_accelerator(self.accelerator)
+        if self.dist is not None:
+            self.dist.check_batch_size(config.data.batch_size)
         self._check_output_dir()
         seed_everything(config.run.seed)
         if model is None:
@@ -135,12 +146,14 @@ class Trainer:
             model, tokenizer = load_model(config.model.name, dtype=DTYPES[config.model.dtype])
         self.tokenizer = tokenizer
         self.base_model = model
-        self.streams = self._build_streams()
+        with self.accelerator.main_process_first():  # demo pools and banks: built once, then read
+            self.streams = self._build_streams()
         self.miner = None
         self.refiner = None
         if config.mining.enabled:
             model.to(self.accelerator.device)
-            self.miner = self._build_miner(model)
+            with self.accelerator.main_process_first():
+                self.miner = self._build_miner(model)
         from crl.models import apply_lora
 
         lora = config.lora
@@ -152,15 +165,24 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config))
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.model, self.optimizer, self.scheduler)
+        if self.dist is None:
+            self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.model, self.optimizer, self.scheduler)
+        else:
+            # No DDP wrapper (crl's truncated, adapter-toggled forwards bypass it; gradients are summed
+            # explicitly), and the scheduler is not prepared (accelerate would step it once per process).
+            self.optimizer = self.accelerator.prepare(self.optimizer)
+            self.dist.broadcast_parameters(params)
         unwrapped = self.accelerator.unwrap_model(self.model)
         if config.refinement.enabled:
             self.refiner = self._build_refiner(unwrapped)
         self.loss = LossComputer(
             unwrapped, config.loss, autocast=self.accelerator.device.type == "cuda",
-            miner=self.miner, mining=config.mining, refiner=self.refiner,
+            miner=self.miner, mining=config.mining, refiner=self.refiner, dist=self.dist,
         )
         self.step = 0
+        if self.dist is not None and self.dist.rank > 0:
+            # Own random streams per rank (LoRA dropout) after the identical initialisation.
+            seed_everything(config.run.seed + 1_000_003 * self.dist.rank)
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -212,12 +234,13 @@ class Trainer:
         pools = self._load_pools()
         seed = self.config.run.seed
         batch = self.config.data.batch_size
+        least = self.dist.world_size if self.dist is not None else 1
         streams = {
-            "benign": PoolStream(self._encode(pools.benign, "benign"), batch, seed + 1),
-            "harmful": PoolStream(self._encode(pools.harmful, "harmful"), batch, seed + 2),
+            "benign": PoolStream(self._encode(pools.benign, "benign"), batch, seed + 1, least),
+            "harmful": PoolStream(self._encode(pools.harmful, "harmful"), batch, seed + 2, least),
         }
         if self.config.loss.method != "circuit_breakers":
-            streams["retain"] = PoolStream(self._encode(pools.retain, "retain"), batch, seed + 3)
+            streams["retain"] = PoolStream(self._encode(pools.retain, "retain"), batch, seed + 3, least)
         return streams
 
     def _select_tokens(self, batch) -> torch.Tensor:
@@ -285,10 +308,15 @@ class Trainer:
         device = self.accelerator.device
         benign, benign_ids = self.streams["benign"].next_batch_with_indices()
         harmful, harmful_ids = self.streams["harmful"].next_batch_with_indices()
+        retain_examples = self.streams["retain"].next_batch() if "retain" in self.streams else None
+        if self.dist is not None:  # this rank's slice of each global batch
+            shard = self.dist.shard
+            benign, benign_ids, harmful, harmful_ids = shard(benign), shard(benign_ids), shard(harmful), shard(harmful_ids)
+            retain_examples = shard(retain_examples) if retain_examples is not None else None
         contrast = collate(benign + harmful, pad).to(device)
         retain = None
-        if "retain" in self.streams:
-            retain = collate(self.streams["retain"].next_batch(), pad).to(device)
+        if retain_examples is not None:
+            retain = collate(retain_examples, pad).to(device)
         selection = self._select_tokens(contrast)
         return StepBatches(
             contrast=contrast, num_benign=len(benign), retain=retain, selection=selection,
@@ -302,7 +330,9 @@ class Trainer:
             return
         from peft import set_peft_model_state_dict
 
-        state = read_checkpoint(path, device=self.accelerator.device)
+        device = self.accelerator.device
+        # multi-process CPU runs have devices like cpu:1, which safetensors does not accept
+        state = read_checkpoint(path, device="cpu" if device.type == "cpu" else device)
         unwrapped = self.accelerator.unwrap_model(self.model)
         set_peft_model_state_dict(unwrapped, state["adapter"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -312,6 +342,13 @@ class Trainer:
             self.streams[name].load_state_dict(stream_state)
         restore_rng_state(state["rng"])
         extra = state.get("extra", {})
+        if self.dist is not None:
+            from crl.training.distributed import restore_rank_rng
+
+            saved = extra.get("distributed", {}).get("rng", [])
+            if not restore_rank_rng(self.dist, saved) and self.dist.rank > 0:
+                # written by another number of processes: fresh per-rank streams (only dropout uses them)
+                seed_everything(self.config.run.seed + 1_000_003 * self.dist.rank + int(trainer_state["step"]))
         for name, part in (("mining", self.miner), ("refinement", self.refiner)):
             if part is None:
                 continue
@@ -326,6 +363,11 @@ class Trainer:
             atomic_write_text(self.metrics_path, "".join(ln + "\n" for ln in kept))
 
     def _checkpoint(self) -> None:
+        ranks_rng = None
+        if self.dist is not None:  # a collective: every rank takes part
+            from crl.training.distributed import rng_states_plain
+
+            ranks_rng = rng_states_plain(self.dist)
         if not self.is_main:
             return
         from peft import get_peft_model_state_dict
@@ -336,6 +378,8 @@ class Trainer:
             extra["mining"] = self.miner.state_dict()
         if self.refiner is not None:
             extra["refinement"] = self.refiner.state_dict()
+        if ranks_rng is not None:
+            extra["distributed"] = {"world_size": len(ranks_rng), "rng": ranks_rng}
         write_checkpoint(
             self.checkpoints_dir, self.step,
             adapter=get_peft_model_state_dict(unwrapped),
@@ -377,6 +421,8 @@ class Trainer:
                 if count < grad_accum:  # logged by some micro-batches only (e.g. refinement): their mean
                     sums[key] = sums[key] * grad_accum / count
             t_opt = time.perf_counter()
+            if self.dist is not None:  # the sum of the ranks' shares is the global batch's gradient
+                self.dist.all_reduce_gradients([p for p in self.model.parameters() if p.requires_grad])
             grad_norm = self.accelerator.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.requires_grad], self.config.optim.max_grad_norm
             )

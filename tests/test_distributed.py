@@ -1,0 +1,174 @@
+"""Multi-process training on the CPU (two processes, gloo) equals one process with the same global batch.
+
+The two ranks are started as plain subprocesses with the torchrun-style environment (RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) that `accelerate launch` also sets; this file is
+their entry point (`python tests/test_distributed.py worker ...`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = 4
+KEYS = ("loss", "loss_benign", "loss_harmful", "loss_kl", "active_benign", "active_harmful",
+        "benign_d_pos", "benign_d_neg", "harmful_d_pos", "harmful_d_neg", "grad_norm", "lr")
+
+
+def _sets(pools: Path, extra: list[str]) -> list[str]:
+    # Global micro-batch 4 per pool (2 per rank with two processes); dropout 0 so that the trajectories
+    # can be compared exactly (with dropout each rank draws its own masks).
+    return [f'data.pools="{pools}"', f"optim.max_steps={STEPS}", "run.checkpoint_every=2", "lora.dropout=0.0",
+            "data.batch_size=4", "optim.lr=5e-3", *extra]
+
+
+def _worker(pools: str, out: str, max_steps: int, resume: bool, extra: list[str]) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from crl.models import build_tiny_llama
+    from crl.training.config import load_train_config
+    from crl.training.trainer import Trainer
+
+    config = load_train_config(REPO / "configs" / "tiny.toml", _sets(Path(pools), extra))
+    model, tokenizer = build_tiny_llama(seed=0)
+    trainer = Trainer(config, out, resume=resume, model=model, tokenizer=tokenizer)
+    dist = trainer.dist
+    assert dist is not None and dist.world_size == 2
+    lora = [p for p in trainer.model.parameters() if p.requires_grad]
+    same_at_start = dist.parameters_equal(lora)
+    trainer.train(max_steps=max_steps)
+    same_at_end = dist.parameters_equal(lora)
+    report = {"rank": dist.rank, "same_at_start": same_at_start, "same_at_end": same_at_end, "step": trainer.step}
+    Path(out, f"rank{dist.rank}.json").write_text(json.dumps(report))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_processes(pools: Path, out: Path, *, max_steps: int = STEPS, resume: bool = False,
+                      extra: list[str] | None = None, timeout: float = 120.0) -> None:
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                   HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        args = [sys.executable, __file__, "worker", str(pools), str(out), str(max_steps), str(int(resume)),
+                json.dumps(extra or [])]
+        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    deadline = time.monotonic() + timeout
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for rank, (p, text) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"rank {rank} failed:\n{text[-4000:]}"
+    for rank in range(2):
+        report = json.loads((out / f"rank{rank}.json").read_text())
+        assert report["same_at_start"] and report["same_at_end"], report
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def run_one_process(pools: Path, out: Path, extra: list[str] | None = None) -> None:
+    import torch
+
+    from crl.models import build_tiny_llama
+    from crl.training.config import load_train_config
+    from crl.training.trainer import Trainer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = load_train_config(REPO / "configs" / "tiny.toml", _sets(pools, extra or []))
+        model, tokenizer = build_tiny_llama(seed=0)
+        Trainer(config, out, model=model, tokenizer=tokenizer).train()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_same_trajectory(one: list[dict], two: list[dict], keys=KEYS, rel: float = 1e-4) -> None:
+    assert [m["step"] for m in one] == [m["step"] for m in two] == list(range(1, STEPS + 1))
+    for a, b in zip(one, two):
+        for key in keys:
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=rel, abs=1e-6), (a["step"], key, a[key], b[key])
+
+
+@pytest.fixture(scope="module")
+def pools_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from crl.data import Example, Pools, load_demo, save_pools
+
+    harmful = [
+        ex.with_response(f"Sure, here is how to do it. Step one: {ex.prompt.lower()[:40]}. Step two: proceed.")
+        for ex in load_demo("harmful", "train")[:12]
+    ]
+    benign = [ex.with_response("Happy to help. Here is a short, clear answer to your question.")
+              for ex in load_demo("benign", "train")[:12]]
+    refusals = [Example.from_prompt(f"refusal-{ex.id}", ex.prompt, "I can't help with that request.") for ex in harmful[:4]]
+    path = tmp_path_factory.mktemp("pools")
+    save_pools(Pools(harmful=harmful, benign=benign + refusals, retain=benign), path)
+    return path
+
+
+def test_two_processes_match_one_and_resume(tmp_path: Path, pools_dir: Path) -> None:
+    """Loss trajectory of 2 ranks x 2 sequences = 1 process x 4 sequences; a 2-process run stopped at
+    step 2 and resumed (by 2 processes) equals the straight one; only rank 0 writes."""
+    run_one_process(pools_dir, tmp_path / "one")
+    run_two_processes(pools_dir, tmp_path / "two")
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert_same_trajectory(one, two)
+    assert two[-1]["loss_harmful"] != two[0]["loss_harmful"]  # it trained
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").glob("step-*")) == ["step-000002", "step-000004"]
+    assert (tmp_path / "two" / "adapter").is_dir()
+
+    run_two_processes(pools_dir, tmp_path / "split", max_steps=2)
+    assert [m["step"] for m in metrics(tmp_path / "split")] == [1, 2]
+    run_two_processes(pools_dir, tmp_path / "split", resume=True)
+    assert_same_trajectory(two, metrics(tmp_path / "split"), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_with_mining_and_refinement(tmp_path: Path, pools_dir: Path) -> None:
+    """Mining (shared queue) and refinement (global hardest owners) run under 2 processes and give the
+    single-process losses."""
+    extra = ["mining.enabled=true", "mining.backend=\"native\"", f'mining.cache_dir="{tmp_path / "banks"}"',
+             "refinement.enabled=true", "refinement.layers=[1,2]"]
+    run_one_process(pools_dir, tmp_path / "one", extra)
+    run_two_processes(pools_dir, tmp_path / "two", extra=extra)
+    keys = KEYS + ("loss_benign_mined", "loss_harmful_mined", "mined_sim_benign", "mined_sim_harmful", "attack_loss")
+    assert_same_trajectory(metrics(tmp_path / "one"), metrics(tmp_path / "two"), keys)
+
+
+def test_batch_size_must_divide(tmp_path: Path) -> None:
+    from crl.config import ConfigError
+    from crl.training.distributed import DistributedContext
+
+    ctx = DistributedContext(1, 3, "cpu")
+    with pytest.raises(ConfigError, match="multiple of the number of processes"):
+        ctx.check_batch_size(4)
+    assert ctx.shard(list(range(6))) == [2, 3]
+    assert [DistributedContext(r, 3, "cpu").shard(list(range(4))) for r in range(3)] == [[0, 1], [2], [3]]
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "worker":
+    _pools, _out, _steps, _resume, _extra = sys.argv[2:7]
+    _worker(_pools, _out, int(_steps), bool(int(_resume)), json.loads(_extra))
