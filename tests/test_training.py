@@ -217,3 +217,29 @@ def test_retain_logits_equal_the_model_logits(tiny_model) -> None:
         expected = model(input_ids=ids, attention_mask=attention).logits[mask]
         got = _final_logits(model, batch, mask)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path: Path, pools_dir: Path) -> None:
+    """An optimizer step over two accumulated micro-batches sees the mean of their gradients."""
+    from crl.training.trainer import Trainer
+
+    config = tiny_config(pools_dir, **{"optim.max_steps": 1, "optim.grad_accumulation": 2, "lora.dropout": 0.0})
+    model, tokenizer = build_tiny_llama(seed=0)
+    trainer = Trainer(config, tmp_path / "acc", model=model, tokenizer=tokenizer)
+    # Reproduce the two micro-batches by hand on a twin trainer and average their gradients.
+    twin_model, _ = build_tiny_llama(seed=0)
+    twin = Trainer(config, tmp_path / "twin", model=twin_model, tokenizer=tokenizer)
+    grads = []
+    for micro in range(2):
+        out = twin.loss(twin._next_batches(micro), 0.0)
+        out.loss.backward()
+        grads.append([p.grad.clone() for p in twin.model.parameters() if p.requires_grad])
+        twin.model.zero_grad()
+    expected = [(a + b) / 2 for a, b in zip(*grads)]
+    trainer.optimizer.step = lambda *a, **k: None  # keep the gradients for inspection
+    trainer.optimizer.zero_grad = lambda *a, **k: None
+    trainer.config.optim.max_grad_norm = 1e9
+    trainer.train()
+    got = [p.grad for p in trainer.model.parameters() if p.requires_grad]
+    for g, e in zip(got, expected):
+        assert torch.allclose(g, e, atol=1e-6, rtol=1e-4)

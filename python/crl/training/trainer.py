@@ -126,9 +126,9 @@ class Trainer:
         self.checkpoints_dir = self.output_dir / "checkpoints"
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self.resume = resume
-        grad_accum = config.optim.grad_accumulation
+        # Gradient accumulation is the loop's own (it scales each micro-batch's loss by 1 / steps and
+        # steps the optimizer itself), so accelerate must not scale the loss a second time.
         self.accelerator = Accelerator(
-            gradient_accumulation_steps=grad_accum,
             mixed_precision="no",  # bf16 autocast is applied to the forward passes ourselves
             cpu=not torch.cuda.is_available(),
         )
@@ -411,9 +411,8 @@ class Trainer:
             counts: dict[str, int] = {}
             for micro in range(grad_accum):
                 batches = self._next_batches(micro)
-                with self.accelerator.accumulate(self.model):
-                    out = self.loss(batches, progress)
-                    self.accelerator.backward(out.loss / grad_accum)
+                out = self.loss(batches, progress)
+                self.accelerator.backward(out.loss / grad_accum)
                 for key, value in out.metrics.items():
                     sums[key] = sums.get(key, 0.0) + value / grad_accum
                     counts[key] = counts.get(key, 0) + 1
