@@ -243,3 +243,11 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path: Path, pools_dir
     got = [p.grad for p in trainer.model.parameters() if p.requires_grad]
     for g, e in zip(got, expected):
         assert torch.allclose(g, e, atol=1e-6, rtol=1e-4)
+
+
+def test_ready_eval_config_loads() -> None:
+    from crl.evaluation.config import load_eval_config
+
+    config = load_eval_config(REPO / "configs" / "eval-smollm2.toml")
+    assert {a.kind for a in config.attacks} >= {"direct", "prefill", "embedding"}
+    assert set(config.adapters) == {"crl", "circuit_breakers", "repbend"}
