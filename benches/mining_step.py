@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "python"))
 
 from crl.mining.index import IndexParams, available_memory_bytes, bf16_bits, make_index  # noqa: E402
 
