@@ -251,3 +251,21 @@ def test_ready_eval_config_loads() -> None:
     config = load_eval_config(REPO / "configs" / "eval-smollm2.toml")
     assert {a.kind for a in config.attacks} >= {"direct", "prefill", "embedding"}
     assert set(config.adapters) == {"crl", "circuit_breakers", "repbend"}
+
+
+def test_demo_runs_end_to_end_on_the_tiny_model_and_resumes(tmp_path: Path) -> None:
+    from crl.cli import main
+
+    argv = [
+        "demo", "--model", "tiny", "--output-dir", str(tmp_path), "--prompts", "2", "--max-new-tokens", "4",
+        "--set", "loss.target_layers=[2, 3]", "--set", "data.max_length=192", "--set", "optim.max_steps=2",
+        "--set", "data.generation_max_new_tokens=4", "--set", "run.progress=false", "--baselines", "--skip-eval",
+    ]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "comparison.json").read_text())["summary"]
+    assert summary["harmful"]["prompts"] == 2 and summary["benign"]["prompts"] == 2
+    for method in ("crl", "circuit_breakers", "repbend"):
+        assert (tmp_path / method / "adapter" / "adapter_config.json").is_file(), method
+    first = (tmp_path / "crl" / "metrics.jsonl").read_text()
+    assert main(argv) == 0  # a rerun resumes every stage and redoes no training
+    assert (tmp_path / "crl" / "metrics.jsonl").read_text() == first
