@@ -28,14 +28,7 @@ from torch import nn
 
 from crl.attacks.base import (DEFAULT_TARGET, AttackPrompt, AttackResult, Timer, build_layout, greedy_from_ids,
                               model_device, progress_iter, target_loss_from_logits)
-
-
-def _first_tensor(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"cannot read a hidden state from a {type(output).__name__}")
+from crl.models import _first_tensor  # the one reader of a decoder layer's output
 
 
 def _replace_first(output: Any, new: torch.Tensor) -> Any:

@@ -42,12 +42,6 @@ def select_rows(hidden: dict[int, torch.Tensor], token_mask: torch.Tensor, layer
     return LayerRows(states, list(layers), row_sample)
 
 
-def layer_scale(frozen: torch.Tensor) -> torch.Tensor:
-    """[L] mean L2 norm of the frozen states per layer (detached), used to make distances relative."""
-    with torch.no_grad():
-        return frozen.float().norm(dim=-1).mean(dim=-1).clamp_min(1e-6)
-
-
 @dataclass
 class LayerFrame:
     """A per-layer affine frame for hidden states: x -> (x - center) / scale, both detached.
@@ -234,6 +228,6 @@ def repbend_terms(
 
 
 __all__ = [
-    "LayerFrame", "LayerRows", "circuit_breaker_terms", "crl_benign_triplet", "crl_harmful_triplet", "layer_scale",
+    "LayerFrame", "LayerRows", "circuit_breaker_terms", "crl_benign_triplet", "crl_harmful_triplet",
     "pooled_by_sample", "repbend_terms", "retain_kl", "select_rows",
 ]

@@ -40,16 +40,16 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _flatten_state(state: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+def _flatten_state(state: Any, tensors: dict[str, torch.Tensor]) -> Any:
     """Replace every tensor in a nested structure by a reference key, collecting the tensors."""
     if isinstance(state, torch.Tensor):
         key = f"t{len(tensors)}"
         tensors[key] = state.detach().cpu().contiguous()
         return {"__tensor__": key}
     if isinstance(state, dict):
-        return {"__dict__": [[_flatten_state(k, prefix, tensors), _flatten_state(v, prefix, tensors)] for k, v in state.items()]}
+        return {"__dict__": [[_flatten_state(k, tensors), _flatten_state(v, tensors)] for k, v in state.items()]}
     if isinstance(state, (list, tuple)):
-        return {"__list__" if isinstance(state, list) else "__tuple__": [_flatten_state(v, prefix, tensors) for v in state]}
+        return {"__list__" if isinstance(state, list) else "__tuple__": [_flatten_state(v, tensors) for v in state]}
     if isinstance(state, (int, float, str, bool)) or state is None:
         return state
     raise TypeError(f"cannot checkpoint a value of type {type(state).__name__}")
@@ -71,7 +71,7 @@ def _unflatten_state(data: Any, tensors: dict[str, torch.Tensor]) -> Any:
 def save_state(directory: Path, name: str, state: Any) -> None:
     """Write a nested state (e.g. an optimizer's state_dict) as NAME.safetensors + NAME.json."""
     tensors: dict[str, torch.Tensor] = {}
-    structure = _flatten_state(state, name, tensors)
+    structure = _flatten_state(state, tensors)
     save_file(tensors, str(directory / f"{name}.safetensors"))
     (directory / f"{name}.json").write_text(json.dumps(structure), encoding="utf-8")
 
