@@ -49,6 +49,9 @@ def _worker(pools: str, out: str, max_steps: int, resume: bool, extra: list[str]
     same_at_end = dist.parameters_equal(lora)
     report = {"rank": dist.rank, "same_at_start": same_at_start, "same_at_end": same_at_end, "step": trainer.step}
     Path(out, f"rank{dist.rank}.json").write_text(json.dumps(report))
+    from crl.training.trainer import shutdown_distributed
+
+    shutdown_distributed()
 
 
 def _free_port() -> int:

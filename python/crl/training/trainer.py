@@ -458,5 +458,17 @@ class Trainer:
         write_model_card(self.output_dir, self.config)
 
 
+def shutdown_distributed() -> None:
+    """Tear down the process group once a multi-process run is over: left to interpreter exit, gloo's
+    threads can abort the process ("terminate called without an active exception")."""
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()  # no barrier: after a failure the other ranks may be gone
+
+
 def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, max_steps: int | None = None) -> TrainResult:
-    return Trainer(config, output_dir, resume=resume).train(max_steps=max_steps)
+    try:
+        return Trainer(config, output_dir, resume=resume).train(max_steps=max_steps)
+    finally:
+        shutdown_distributed()
