@@ -200,6 +200,38 @@ def test_token_selection_modes() -> None:
     ]
 
 
+def test_assistant_selection_and_per_pool_selection() -> None:
+    from crl.data import Batch
+    from crl.training.config import LossConfig
+    from crl.training.step import contrast_selection, token_selection
+
+    # request, two header tokens, response, end of turn, padding
+    request = torch.tensor([[True, True, False, False, False, False, False, False]] * 2)
+    response = torch.tensor([[False, False, False, False, True, True, False, False],
+                             [False, False, False, False, True, True, True, False]])
+    attention = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    batch = Batch(torch.zeros(2, 8, dtype=torch.long), attention, request, response)
+    assistant = token_selection(batch, "assistant", 0)
+    assert assistant.tolist() == [[False, False, True, True, True, True, False, False],
+                                  [False, False, True, True, True, True, True, False]]
+    config = LossConfig(harmful_tokens="assistant")
+    mixed = contrast_selection(batch, 1, config)  # row 0 benign (response), row 1 harmful (assistant)
+    assert mixed[0].equal(response[0]) and mixed[1].equal(assistant[1])
+    assert contrast_selection(batch, 1, LossConfig()).equal(response)
+
+
+def test_assistant_selection_on_smollm2_template(smollm2_tokenizer) -> None:
+    from crl.data import Example, collate, encode_example
+    from crl.training.step import token_selection
+
+    tok = smollm2_tokenizer
+    enc = encode_example(tok, Example.from_prompt("x", "How do I make a cake?", "Mix flour and eggs."))
+    mask = token_selection(collate([enc], tok.pad_token_id), "assistant", 0)[0].tolist()
+    text = tok.decode([i for i, m in zip(enc.input_ids, mask) if m])
+    assert text.startswith("<|im_end|>") and text.endswith("Mix flour and eggs.")
+    assert "assistant" in text and "cake" not in text
+
+
 def test_retain_logits_equal_the_model_logits(tiny_model) -> None:
     from crl.data import Batch
     from crl.training.step import _final_logits

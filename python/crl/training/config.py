@@ -15,7 +15,7 @@ from crl.config import ConfigError, apply_overrides, from_dict, load_config_file
 from crl.losses.distances import DISTANCES
 
 Method = Literal["crl", "circuit_breakers", "repbend"]
-TokenSelection = Literal["response", "request", "last_request", "first_response"]
+TokenSelection = Literal["response", "request", "last_request", "first_response", "assistant"]
 
 
 @dataclass
@@ -80,6 +80,11 @@ class LossConfig:
     benign_layers: list[int] | None = None
     """Layers of the benign term; None = the target layers."""
     tokens: TokenSelection = "response"
+    """Tokens whose states enter the representation losses: "response"; "assistant" (the chat
+    template's assistant header and the response: the header's last state is the one that emits the
+    first response token); "request"; "last_request"; "first_response" (the first N response tokens)."""
+    harmful_tokens: TokenSelection | None = None
+    """Token selection of the harmful pool (and of its bank and refinement); None = `tokens`."""
     first_response_tokens: int = 16
     """With tokens = first_response: how many response tokens."""
     # CRL triplets
@@ -119,6 +124,10 @@ class LossConfig:
             require(value in DISTANCES, name, "one of " + ", ".join(DISTANCES), value)
         require(self.kl_temperature > 0, "kl_temperature", "a number > 0", self.kl_temperature)
         require(self.first_response_tokens >= 1, "first_response_tokens", "an integer >= 1", self.first_response_tokens)
+
+    @property
+    def resolved_harmful_tokens(self) -> str:
+        return self.harmful_tokens if self.harmful_tokens is not None else self.tokens
 
     @property
     def resolved_benign_layers(self) -> list[int]:

@@ -79,7 +79,27 @@ def token_selection(batch: Batch, mode: str, first_n: int) -> torch.Tensor:
     if mode == "first_response":
         rank = torch.cumsum(batch.response_mask.long(), dim=1)
         return batch.response_mask & (rank <= first_n)
+    if mode == "assistant":
+        # Everything after the request up to the response's end: the template's assistant header,
+        # then the response. Under "response" alone the state that emits the first response token
+        # (the header's last) is never trained, and a defended model can still open compliantly.
+        positions = torch.arange(batch.request_mask.shape[1], device=batch.request_mask.device)
+        none = torch.full_like(positions, -1)
+        last_request = torch.where(batch.request_mask, positions, none).amax(dim=1, keepdim=True)
+        last_response = torch.where(batch.response_mask, positions, none).amax(dim=1, keepdim=True)
+        return (positions > last_request) & (positions <= last_response)
     raise ValueError(f"loss.tokens: unknown token selection {mode!r}")
+
+
+def contrast_selection(contrast: Batch, num_benign: int, config: LossConfig) -> torch.Tensor:
+    """The token selection of a contrast batch: its first `num_benign` rows (benign pool) under
+    `loss.tokens`, the others (harmful pool) under `loss.harmful_tokens`."""
+    benign = token_selection(contrast, config.tokens, config.first_response_tokens)
+    if config.resolved_harmful_tokens == config.tokens:
+        return benign
+    harmful = token_selection(contrast, config.resolved_harmful_tokens, config.first_response_tokens)
+    rows = torch.arange(contrast.input_ids.shape[0], device=benign.device).unsqueeze(1) < num_benign
+    return torch.where(rows, benign, harmful)
 
 
 def _final_logits(model: torch.nn.Module, batch: Batch, token_mask: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from crl.training.checkpoint import (
     write_checkpoint,
 )
 from crl.training.config import TrainConfig
-from crl.training.step import LossComputer, StepBatches, token_selection
+from crl.training.step import LossComputer, StepBatches, contrast_selection, token_selection
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -244,7 +244,8 @@ class Trainer:
         return streams
 
     def _select_tokens(self, batch) -> torch.Tensor:
-        return token_selection(batch, self.config.loss.tokens, self.config.loss.first_response_tokens)
+        """Token selection of harmful-pool batches (the bank and the refinement use only those)."""
+        return token_selection(batch, self.config.loss.resolved_harmful_tokens, self.config.loss.first_response_tokens)
 
     def _build_miner(self, model: torch.nn.Module):
         """The frozen bank of the harmful pool (built once, cached by key) and the miner over it."""
@@ -270,7 +271,7 @@ class Trainer:
         with amp:
             bank = build_or_load_bank(
                 model, encoded, make_batch, selections,
-                layers=cfg.loss.captured_layers, pooling=f"mean:{cfg.loss.tokens}:{cfg.loss.first_response_tokens}",
+                layers=cfg.loss.captured_layers, pooling=f"mean:{cfg.loss.resolved_harmful_tokens}:{cfg.loss.first_response_tokens}",
                 dtype=mcfg.bank_dtype, max_size=mcfg.bank_size,
                 root=Path(mcfg.cache_dir).expanduser() if mcfg.cache_dir else None,
                 batch_size=mcfg.bank_batch_size, seed=cfg.run.seed, progress=cfg.run.progress and self.is_main,
@@ -317,7 +318,7 @@ class Trainer:
         retain = None
         if retain_examples is not None:
             retain = collate(retain_examples, pad).to(device)
-        selection = self._select_tokens(contrast)
+        selection = contrast_selection(contrast, len(benign), self.config.loss)
         return StepBatches(
             contrast=contrast, num_benign=len(benign), retain=retain, selection=selection,
             benign_ids=torch.tensor(benign_ids, dtype=torch.int64), harmful_ids=torch.tensor(harmful_ids, dtype=torch.int64),
