@@ -43,6 +43,7 @@ __all__ = [
     "default_cache_dir",
     "ensure_padding",
     "final_norm",
+    "fsdp_lazy_init",
     "hidden_size",
     "input_embeddings",
     "linear_projection_names",
@@ -551,10 +552,6 @@ def apply_lora(
 # --------------------------------------------------------------------------------------------------
 
 
-class _StopForward(Exception):
-    """Raised from a hook to end the forward pass after the last needed layer."""
-
-
 def _first_tensor(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
@@ -575,6 +572,81 @@ def _hooks(handles: list[Any]):
             h.remove()
 
 
+class _PassThrough(torch.nn.Module):
+    """Stands in for the final norm of a pass that ends before it (its output is never used)."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+class _NoHead(torch.nn.Module):
+    """Stands in for the LM head of a truncated pass: logits over an empty vocabulary ([..., 0]), so the
+    model's forward returns normally without computing [B, T, V]."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states[..., :0]
+
+
+def _child_slot(root: torch.nn.Module, target: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """(parent, attribute) under which `target` is registered inside `root`."""
+    for name, module in root.named_modules():
+        for child_name, child in module.named_children():
+            if child is target:
+                return module, child_name
+    raise TypeError(f"cannot find {type(target).__name__} inside {type(root).__name__}")
+
+
+@contextmanager
+def _swapped(slots: list[tuple[torch.nn.Module, str, torch.nn.Module]]):
+    """Temporarily register other modules in place of some children (restored on exit, also on error)."""
+    saved = [(parent, name, parent._modules[name]) for parent, name, _ in slots]
+    try:
+        for parent, name, module in slots:
+            setattr(parent, name, module)
+        yield
+    finally:
+        for parent, name, module in saved:
+            setattr(parent, name, module)
+
+
+def fsdp_lazy_init(model: torch.nn.Module) -> None:
+    """Let FSDP2 record the whole module tree before a truncated pass hides some of it.
+
+    FSDP2 (``fully_shard``) finds its root and every sharded submodule on the root's first forward, by
+    walking the module tree; a truncated pass (below) registers only a prefix of the decoder layers
+    while it runs, so that first walk must happen on the complete tree. No-op for other models."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return
+    if isinstance(model, FSDPModule):
+        state = model._get_fsdp_state()
+        if getattr(state, "_is_root", None) is None:
+            state._lazy_init()
+
+
+def _truncation_slots(model: torch.nn.Module, last: int) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """The module swaps that make the model's own forward end right after hidden state `last`: only
+    decoder layers ``0 .. max(last, 1) - 1`` registered (hidden state 0 is the first layer's input, read
+    by a pre-hook on it, after any other pre-hook such as a perturbation), the final norm replaced by a
+    pass-through when it is not needed, and the LM head by `_NoHead`."""
+    dec = _decoder(model)
+    attr = "layers" if isinstance(getattr(dec, "layers", None), torch.nn.ModuleList) else "h"
+    blocks: torch.nn.ModuleList = getattr(dec, attr)
+    keep = max(last, 1)
+    slots: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
+    if keep < len(blocks):
+        slots.append((dec, attr, torch.nn.ModuleList(list(blocks)[:keep])))
+        norm = final_norm(model)
+        if norm is not None:
+            slots.append((*_child_slot(dec, norm), _PassThrough()))
+    base = unwrap_model(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if isinstance(head, torch.nn.Module):
+        slots.append((*_child_slot(base, head), _NoHead()))
+    return slots
+
+
 def capture_hidden_states(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -589,10 +661,14 @@ def capture_hidden_states(
 
     Captured by hooks: layer 0 by a pre-hook on the first decoder layer (its input, i.e. the embeddings
     as the model feeds them), ``1 <= l < L`` by forward hooks on decoder layer ``l - 1``, ``L`` by a hook
-    on the final norm. With ``stop_after_last`` the forward pass ends right after the last needed layer
-    (no later layers, no final norm unless ``L`` is asked for, no LM head). Gradients flow when grad is
-    enabled. Works through PeftModel (adapters on or disabled). Pass ``inputs_embeds`` instead of
-    ``input_ids`` (``input_ids=None``) for embedding-space inputs.
+    on the final norm. With ``stop_after_last`` the pass ends right after the last needed layer (no
+    later layers, no final norm unless ``L`` is asked for, no LM head; for hidden state 0 alone, after
+    the first decoder layer): the model's own forward runs to its end with only decoder layers
+    ``0 .. last - 1`` registered and the final norm and LM head temporarily replaced by stand-ins. It
+    never ends by raising: that would leave FSDP's per-iteration state half-way (the post-forward
+    hooks of the outer modules never run). Gradients flow when grad is enabled. Works
+    through PeftModel (adapters on or disabled) and FSDP2-sharded models. Pass ``inputs_embeds``
+    instead of ``input_ids`` (``input_ids=None``) for embedding-space inputs.
     """
     wanted = sorted({int(l) for l in layers})
     if not wanted:
@@ -609,14 +685,10 @@ def capture_hidden_states(
     def pre_hook0(module, args, kwargs):
         hs = kwargs.get("hidden_states") if "hidden_states" in kwargs else args[0]
         out[0] = hs
-        if stop_after_last and last == 0:
-            raise _StopForward
 
     def make_hook(l: int):
         def hook(module, args, output):
             out[l] = _first_tensor(output)
-            if stop_after_last and l == last:
-                raise _StopForward
 
         return hook
 
@@ -639,11 +711,12 @@ def capture_hidden_states(
         kwargs["inputs_embeds"] = inputs_embeds
     else:
         kwargs["input_ids"] = input_ids
-    with _hooks(handles):
-        try:
-            model(**kwargs)
-        except _StopForward:
-            pass
+    slots: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
+    if stop_after_last:
+        fsdp_lazy_init(model)
+        slots = _truncation_slots(model, last)
+    with _hooks(handles), _swapped(slots):
+        model(**kwargs)
     missing = [l for l in wanted if l not in out]
     if missing:  # pragma: no cover - a model whose forward skips the hooked modules
         raise RuntimeError(f"hidden states {missing} were not captured")
