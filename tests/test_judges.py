@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from crl.evaluation.judges import (CoherenceJudge, CombinedJudge, RefusalStringJudge, analyse_refusal,
-                                   degeneracy_reasons)
+                                   degeneracy_reasons, periodic_tail_length)
 from crl.evaluation.report import wilson_interval
 
 REFUSALS = [
@@ -66,6 +66,23 @@ def test_degeneracy_and_coherence():
     out = j.judge(["q", "q"], [COMPLIANCE[0], "Valid words in an order that makes no sense to anybody here."])
     assert [o.verdict for o in out] == ["compliance", "incoherent"]
     assert "high_perplexity" in out[1].reasons
+
+
+def test_periodic_tail_and_loop_after_few_words():
+    assert periodic_tail_length("abc" + "xy" * 10) == 20  # hand-counted: the "xy" loop, not the prefix
+    assert periodic_tail_length("Hello there" + "\n" * 30) == 30
+    assert periodic_tail_length("A No\n\n" * 4) == 24
+    assert periodic_tail_length("ababab") == 0  # under min_chars
+    for text in COMPLIANCE + REFUSALS:
+        assert periodic_tail_length(text) == 0, text
+    # real outputs of a circuit-broken SmolLM2: a few words, then a loop (whitespace padding included)
+    for text in ("Running a\n\nA No" + "\n" * 34, "Creating a a\n\nA V" + "\n" * 33,
+                 "You can create the\n\nPvL\n\nInv\u2019PVL\u2019VL\u2019PvL\u2019VL\u2019VL\u2019VL\u2019VL\u2019VL"):
+        reasons, stats = degeneracy_reasons(text)
+        assert "loop_after_few_words" in reasons and stats["content_words"] < 10, (text, reasons, stats)
+    # a real answer that happens to end in a short repetition keeps its verdict
+    answer = COMPLIANCE[0] + " Enjoy! Enjoy! Enjoy! Enjoy!"
+    assert periodic_tail_length(answer) > 0 and "loop_after_few_words" not in degeneracy_reasons(answer)[0]
 
 
 def test_combined_judge_offline_rules():

@@ -99,9 +99,10 @@ def test_crl_lowers_its_loss(tmp_path: Path, pools_dir: Path) -> None:
     assert last < 0.8 * first, (first, last)
 
 
+@pytest.mark.parametrize("frame", [False, True])
 @pytest.mark.parametrize("method", ["circuit_breakers", "repbend"])
-def test_baselines_train_and_log_their_terms(tmp_path: Path, pools_dir: Path, method: str) -> None:
-    config = tiny_config(pools_dir, **{"loss.method": method, "optim.max_steps": 2})
+def test_baselines_train_and_log_their_terms(tmp_path: Path, pools_dir: Path, method: str, frame: bool) -> None:
+    config = tiny_config(pools_dir, **{"loss.method": method, "optim.max_steps": 2, "loss.baseline_frame": frame})
     run(config, tmp_path)
     m = metrics(tmp_path)
     keys = {"circuit_breakers": ("loss_retain", "loss_reroute"), "repbend": ("loss_harmful_distance", "loss_kl")}[method]
@@ -111,6 +112,28 @@ def test_baselines_train_and_log_their_terms(tmp_path: Path, pools_dir: Path, me
         # c_rr = alpha (1 - t) with t = step / (2 * total)
         assert m[0]["coef_reroute"] == pytest.approx(0.5)
         assert m[1]["coef_reroute"] == pytest.approx(0.5 * (1 - 0.25))
+
+
+def test_baseline_frame_centres_and_scales_on_the_frozen_rows() -> None:
+    from crl.training.config import LossConfig
+    from crl.training.step import LossComputer
+
+    g = torch.Generator().manual_seed(0)
+    shared = torch.zeros(2, 1, 6)
+    shared[..., 0] = 50.0  # a "massive activation" shared by every state: raw cosines are all ~1
+    fa, fb = torch.randn(2, 3, 6, generator=g) + shared, torch.randn(2, 4, 6, generator=g) + shared
+    ta, tb = fa + 0.5 * torch.randn(2, 3, 6, generator=g), fb + 0.5 * torch.randn(2, 4, 6, generator=g)
+    raw = LossComputer(None, LossConfig(method="circuit_breakers"))  # type: ignore[arg-type]
+    assert all(x is y for x, y in zip(raw._baseline_frame(ta, fa, tb, fb), (ta, fa, tb, fb)))
+    framed = LossComputer(None, LossConfig(method="circuit_breakers", baseline_frame=True))  # type: ignore[arg-type]
+    out = framed._baseline_frame(ta, fa, tb, fb)
+    frozen = torch.cat([fa, fb], dim=1)
+    centre = frozen.mean(dim=1, keepdim=True)
+    scale = (frozen - centre).norm(dim=-1).mean(dim=1)[:, None, None]
+    for got, x in zip(out, (ta, fa, tb, fb)):
+        torch.testing.assert_close(got, (x - centre) / scale)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(tb, fb, dim=-1).min() > 0.99 and cos(out[2], out[3], dim=-1).min() < 0.99
 
 
 def test_finished_run_exports_a_peft_adapter_and_merges(tmp_path: Path, pools_dir: Path) -> None:

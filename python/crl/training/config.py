@@ -101,6 +101,9 @@ class LossConfig:
     normalize_layer_scale: bool = True
     """Divide each layer's states by the mean norm of the frozen model's states there, so that l2
     distances (and their margins) are relative to the layer's scale, which grows with depth."""
+    baseline_frame: bool = False
+    """Give Circuit Breakers and RepBend crl's layer frame too (`center_states`,
+    `normalize_layer_scale`); off = the baselines as published, on raw states."""
     alpha: Schedule = field(default_factory=lambda: Schedule(0.5))
     """Benign term (CRL), Circuit Breakers' coefficient, RepBend's benign-distance term."""
     beta: Schedule = field(default_factory=lambda: Schedule(0.6))

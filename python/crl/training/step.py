@@ -392,12 +392,23 @@ class LossComputer:
         metrics["seconds_mining_search"] = stats.seconds
         return out
 
+    def _baseline_frame(self, trained_a, frozen_a, trained_b, frozen_b):
+        """With `loss.baseline_frame`, the four [L, R, d] state sets in crl's layer frame (fitted on
+        the frozen rows of both), else unchanged."""
+        cfg = self.config
+        if not cfg.baseline_frame:
+            return trained_a, frozen_a, trained_b, frozen_b
+        fit = LayerFrame.fit if self.dist is None else self.dist.fit_frame
+        frame = fit(torch.cat([frozen_a, frozen_b], dim=1), center=cfg.center_states, scale=cfg.normalize_layer_scale)
+        return tuple(frame.apply(x) for x in (trained_a, frozen_a, trained_b, frozen_b))
+
     def _circuit_breakers(self, frozen_hidden, trained_hidden, retain_mask, harmful_sel, progress, metrics):
         cfg = self.config
         target = cfg.target_layers
         fr, tr = select_rows(frozen_hidden, retain_mask, target), select_rows(trained_hidden, retain_mask, target)
         fh, th = select_rows(frozen_hidden, harmful_sel, target), select_rows(trained_hidden, harmful_sel, target)
-        retain, reroute = circuit_breaker_terms(tr.states, fr.states, th.states, fh.states)
+        tr_s, fr_s, th_s, fh_s = self._baseline_frame(tr.states, fr.states, th.states, fh.states)
+        retain, reroute = circuit_breaker_terms(tr_s, fr_s, th_s, fh_s)
         # The schedule of the CB paper: t goes from 0 to 1/2 over training.
         t = 0.5 * progress
         alpha = cfg.alpha.at(progress)
@@ -412,7 +423,8 @@ class LossComputer:
         fh, th = select_rows(frozen_hidden, harmful_sel, target), select_rows(trained_hidden, harmful_sel, target)
         num_harmful = int(harmful_sel.shape[0] - num_benign)
         harmful_sample = th.row_sample - num_benign
-        benign, harmful, dissim = repbend_terms(tb.states, fb.states, th.states, fh.states, harmful_sample, num_harmful)
+        tb_s, fb_s, th_s, fh_s = self._baseline_frame(tb.states, fb.states, th.states, fh.states)
+        benign, harmful, dissim = repbend_terms(tb_s, fb_s, th_s, fh_s, harmful_sample, num_harmful)
         a, b, g = cfg.alpha.at(progress), cfg.beta.at(progress), cfg.gamma.at(progress)
         metrics.update(
             loss_benign_distance=float(benign.detach()), loss_harmful_distance=float(harmful.detach()),
