@@ -202,3 +202,17 @@ def test_smollm2_base_complies_and_embedding_attack_works(tmp_path):
     assert summary["models"]["base"]["attacks"]["direct"]["successes"] >= 3
     rec = [json.loads(l) for l in (tmp_path / "eval" / "records.jsonl").read_text().splitlines() if '"embedding"' in l][0]
     assert rec["best_loss"] < rec["extra"]["loss_curves"][0][0]
+
+
+def test_prompt_set_per_category_keeps_the_first_of_each(tmp_path):
+    from crl.evaluation.config import PromptSetConfig
+    from crl.evaluation.runner import load_prompt_set
+
+    csv = tmp_path / "x.csv"
+    rows = ["id,prompt,type,label"] + [f"{i},prompt {i},{t},{l}" for i, (t, l) in enumerate(
+        [("a", "safe"), ("a", "safe"), ("a", "safe"), ("b", "safe"), ("c", "unsafe"), ("b", "safe"), ("b", "safe")])]
+    csv.write_text("\n".join(rows) + "\n")
+    got = load_prompt_set(PromptSetConfig(name="s", source=str(csv), role="xstest_safe", per_category=2))
+    assert [e.prompt for e in got] == ["prompt 0", "prompt 1", "prompt 3", "prompt 5"]  # "c" is unsafe
+    got = load_prompt_set(PromptSetConfig(name="s", source=str(csv), role="xstest_safe", per_category=2, limit=3))
+    assert [e.prompt for e in got] == ["prompt 0", "prompt 1", "prompt 3"]

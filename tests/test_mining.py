@@ -187,6 +187,43 @@ def test_miner_excludes_own_sample_and_tracks_changes(tmp_path, tiny_model, harm
     assert miner.queue.version == state["queue"]["version"]
 
 
+@pytest.mark.parametrize("backend", ["native", "faiss_flat"])
+def test_miner_ranks_centred_vectors_like_brute_force(tmp_path, backend):
+    """A shared large component (as in real chat models) makes raw cosines near 1 for every pair; the
+    miner ranks by cosine after removing the bank's mean, exactly as brute force over centred vectors."""
+    from crl.mining.bank import FrozenBank
+
+    g = np.random.default_rng(0)
+    n, d = 40, 16
+    raw = g.normal(size=(n, d)).astype(np.float32)
+    raw[:, 0] += 40.0  # the shared component
+    raw[:, 1] += g.uniform(0, 20, size=n)  # and one that varies in scale: it steers raw cosines
+    bank = FrozenBank(tmp_path, [3], [bf16_bits(raw)], np.arange(n, dtype=np.int64), "bfloat16", "k")
+    stored = bf16_to_float32(bank.vectors[0])
+    queries = torch.from_numpy(stored[:5] + 0.3 * g.normal(size=(5, d)).astype(np.float32))[None]
+    ids = torch.arange(5)
+
+    def brute(x: np.ndarray, q: np.ndarray) -> np.ndarray:
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        q = q / np.linalg.norm(q, axis=1, keepdims=True)
+        sims = q @ x.T
+        sims[np.arange(5), np.arange(5)] = -np.inf  # own sample excluded
+        return np.argsort(-sims, axis=1)[:, :3]
+
+    center = stored.astype(np.float64).mean(axis=0).astype(np.float32)
+    want = brute(bf16_to_float32(bf16_bits(stored - center)), queries[0].numpy() - center)
+    got = HardNegativeMiner(bank, benign_layers=[3], target_layers=[3], k=3, backend=backend, queue_size=4)
+    mined = got.mine_harmful(queries, ids, MiningStats())
+    assert mined.owners[0].tolist() == want.tolist()
+    # the negatives handed to the loss are the raw bank vectors
+    np.testing.assert_array_equal(mined.negatives[0].numpy(), stored[want])
+    raw_miner = HardNegativeMiner(bank, benign_layers=[3], target_layers=[3], k=3, backend=backend, queue_size=4,
+                                  center=False)
+    raw_owners = raw_miner.mine_harmful(queries, ids, MiningStats()).owners[0]
+    assert raw_owners.tolist() == brute(stored, queries[0].numpy()).tolist()
+    assert raw_owners.tolist() != want.tolist()  # the shared component changes the ranking
+
+
 def test_mining_config_validation(tmp_path):
     tiny = REPO / "configs" / "tiny.toml"
     cfg = load_train_config(tiny, [])

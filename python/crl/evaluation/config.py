@@ -54,9 +54,13 @@ class PromptSetConfig:
     #: for XSTest files: keep rows whose label is this ("safe" for over-refusal, "unsafe" for attacks)
     label: str | None = None
     limit: int | None = None
+    #: keep at most this many prompts of each category (XSTest's types), before `limit`: a small set
+    #: that still covers every category
+    per_category: int | None = None
 
     def validate(self) -> None:
         require(self.limit is None or self.limit >= 1, "limit", "an integer >= 1", self.limit)
+        require(self.per_category is None or self.per_category >= 1, "per_category", "an integer >= 1", self.per_category)
         require(bool(self.name), "name", "a non-empty name", self.name)
 
 

@@ -121,6 +121,15 @@ def load_prompt_set(cfg: PromptSetConfig) -> list[Any]:
     elif cfg.role == "xstest_safe":
         safe = [e for e in examples if (e.label or "") == "safe"]
         examples = safe or examples
+    if cfg.per_category is not None:
+        seen: dict[str, int] = {}
+        kept = []
+        for e in examples:
+            key = e.category or ""
+            if seen.get(key, 0) < cfg.per_category:
+                seen[key] = seen.get(key, 0) + 1
+                kept.append(e)
+        examples = kept
     if cfg.limit is not None:
         examples = examples[: cfg.limit]
     return examples

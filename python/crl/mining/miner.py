@@ -12,6 +12,13 @@ kernel's ``negative_index``; a query with fewer than k qualifying entries repeat
 one with none is reported in ``valid`` (its rows get weight 0). The queue is then refreshed with
 the batch's trained harmful states.
 
+Ranking in the loss's frame (`center=True`): chat models' states share a large component (SmolLM2:
+about 70% of the norm), which makes every raw cosine about 0.7 and the ranking close to arbitrary;
+the loss therefore centres states on the frozen mean (crl.losses.objectives.LayerFrame). The miner
+ranks the same way: bank, queue and queries minus the frozen bank's per-layer mean. The index then
+holds a centred copy of the bank (as much memory again as the bank, in its storage dtype); the
+negatives handed to the loss are still the raw vectors, which the loss puts in its own frame.
+
 Logged: the mean similarity of the mined negatives, the fraction of (sample, layer) pairs whose
 hardest negative changed since that sample was last mined (over samples seen before), and the
 seconds spent mining.
@@ -26,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from crl.mining.bank import FrozenBank, TrainedQueue
+from crl.mining.bank import FrozenBank, TrainedQueue, _to_float32, _torch_to_storage
 from crl.mining.index import IndexParams, NegativeIndex, bank_nbytes, make_index
 
 
@@ -67,13 +74,19 @@ class HardNegativeMiner:
         params: IndexParams | None = None,
         queue_size: int = 4096,
         seed: int = 0,
+        center: bool = True,
     ) -> None:
         self.bank = bank
         self.benign_layers = list(benign_layers)
         self.target_layers = list(target_layers)
         self.k = int(k)
         self.params = params or IndexParams(seed=seed)
-        arrays = bank.layer_arrays(self.target_layers)
+        # The frozen bank's mean per layer (fp32 [d]); None = rank raw vectors.
+        self.centers: dict[int, np.ndarray] | None = None
+        if center:
+            self.centers = {l: self._layer_mean(bank.layer_arrays([l])[0], bank.dtype)
+                            for l in sorted(set(self.target_layers) | set(self.benign_layers))}
+        arrays = [self._centred(a, l, bank.dtype) for a, l in zip(bank.layer_arrays(self.target_layers), self.target_layers)]
         nbytes = bank_nbytes(len(arrays), bank.size, bank.dim, bank.dtype)
         self.index: NegativeIndex = make_index(backend, self.params, nbytes=nbytes)
         self.index.build(arrays, bank.ids, kind=bank.dtype)
@@ -90,9 +103,34 @@ class HardNegativeMiner:
     def backend(self) -> str:
         return self.index.name
 
+    @staticmethod
+    def _layer_mean(array: np.ndarray, dtype: str, chunk: int = 65536) -> np.ndarray:
+        total = np.zeros(array.shape[1], dtype=np.float64)
+        for start in range(0, array.shape[0], chunk):  # chunked: the bank may be memory-mapped
+            total += _to_float32(np.asarray(array[start : start + chunk]), dtype).sum(axis=0, dtype=np.float64)
+        return (total / max(array.shape[0], 1)).astype(np.float32)
+
+    def _centred(self, array: np.ndarray, layer: int, dtype: str, chunk: int = 65536) -> np.ndarray:
+        """A storage-dtype copy of `array` minus the layer's centre (the array itself when not centring)."""
+        if self.centers is None:
+            return array
+        c = self.centers[layer]
+        parts = [
+            _torch_to_storage(torch.from_numpy(_to_float32(np.asarray(array[i : i + chunk]), dtype) - c), dtype)
+            for i in range(0, array.shape[0], chunk)
+        ]
+        return np.ascontiguousarray(np.concatenate(parts) if parts else array.copy())
+
+    def _centred_queries(self, queries: torch.Tensor, layers: Sequence[int]) -> np.ndarray:
+        q = queries.detach().float().cpu().numpy()
+        if self.centers is None:
+            return q
+        return np.ascontiguousarray(q - np.stack([self.centers[l] for l in layers])[:, None, :])
+
     def _queue_search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self._queue_index is None or self._queue_version != self.queue.version:
             arrays, ids = self.queue.arrays()
+            arrays = [self._centred(a, l, self.queue.dtype) for a, l in zip(arrays, self.benign_layers)]
             self._queue_index = make_index(self.queue_backend, self.params).build(arrays, ids, kind=self.queue.dtype)
             self._queue_version = self.queue.version
         return self._queue_index.search(queries, self.k)
@@ -120,7 +158,7 @@ class HardNegativeMiner:
     def mine_benign(self, queries: torch.Tensor, sample_ids: torch.Tensor, stats: MiningStats) -> Mined:
         """queries [Lb, S, d] (pooled trained benign states) -> queue negatives."""
         t0 = time.perf_counter()
-        q = queries.detach().float().cpu().numpy()
+        q = self._centred_queries(queries, self.benign_layers)
         scores, rows = self._queue_search(q)
         rows, has = self._fill_missing(rows)
         negatives = self.queue.gather(rows)
@@ -133,7 +171,7 @@ class HardNegativeMiner:
                      track: bool = True, tag: str = "harmful") -> Mined:
         """queries [Lt, S, d] (pooled trained harmful states) -> frozen-bank negatives, own sample excluded."""
         t0 = time.perf_counter()
-        q = queries.detach().float().cpu().numpy()
+        q = self._centred_queries(queries, self.target_layers)
         groups = sample_ids.detach().cpu().numpy().astype(np.int64)
         scores, rows = self.index.search(q, self.k, groups)
         rows, has = self._fill_missing(rows)

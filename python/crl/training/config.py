@@ -193,6 +193,9 @@ class MiningConfig:
     `replace`: the mined negatives replace the centroid (benign) and h(x) (harmful) negatives."""
     weight: float = 1.0
     """Weight of the mined terms with combine = add."""
+    center: bool = True
+    """Rank in the loss's frame: bank, queue and queries minus the frozen bank's per-layer mean
+    (the index then holds a centred copy of the bank). False ranks the raw vectors in place."""
     bank_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     bank_size: int = 100_000
     """Harmful samples in the frozen bank at most (a seeded subset beyond)."""

@@ -1,7 +1,8 @@
 """The training loop: LoRA fine-tuning with CRL (or a baseline), checkpointed and resumable.
 
 Runs the same on one CPU process and under `accelerate launch` (data parallel: each rank takes a
-slice of every global batch; see crl.training.distributed and docs/distributed.md). Every schedule counts
+slice of every global batch; with an FSDP config the frozen weights are also sharded across the
+ranks; see crl.training.distributed and docs/distributed.md). Every schedule counts
 optimizer steps. Each optimizer step appends one JSON object to `metrics.jsonl`; every
 `run.checkpoint_every` steps an atomic checkpoint is written, from which `--resume` continues with
 exactly the trajectory an uninterrupted run would have had (same data order, RNG and optimizer state).
@@ -138,6 +139,12 @@ class Trainer:
         self.dist = DistributedContext.from_accelerator(self.accelerator)
         if self.dist is not None:
             self.dist.check_batch_size(config.data.batch_size)
+        self.fsdp = self.dist is not None and self.dist.fsdp is not None
+        if self.fsdp and config.mining.enabled:
+            raise ConfigError(
+                "mining.enabled = true is not supported with FSDP: the frozen bank is built by one process "
+                "through the whole model (and refinement needs mining); disable mining or use data parallelism"
+            )
         self._check_output_dir()
         seed_everything(config.run.seed)
         if model is None:
@@ -161,12 +168,20 @@ class Trainer:
             model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
             target_modules=lora.target_modules, layers=lora_layers_for(config),
         )
-        self.model.to(self.accelerator.device)
+        if self.fsdp:
+            self.dist.shard_model(self.model)  # the frozen weights sharded onto the devices; LoRA whole
+        else:
+            self.model.to(self.accelerator.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config))
         if self.dist is None:
             self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.model, self.optimizer, self.scheduler)
+        elif self.fsdp:
+            # Nothing goes through accelerator.prepare: accelerate's FSDP2 preparation would shard the
+            # model its own way (and refuses an optimizer without it); the optimizer holds whole LoRA
+            # parameters, exactly as in data parallelism.
+            self.dist.broadcast_parameters(params)
         else:
             # No DDP wrapper (crl's truncated, adapter-toggled forwards bypass it; gradients are summed
             # explicitly), and the scheduler is not prepared (accelerate would step it once per process).
@@ -290,6 +305,7 @@ class Trainer:
         return HardNegativeMiner(
             bank, benign_layers=cfg.loss.resolved_benign_layers, target_layers=cfg.loss.target_layers,
             k=mcfg.k, backend=mcfg.backend, params=params, queue_size=mcfg.queue_size, seed=cfg.run.seed,
+            center=mcfg.center,
         )
 
     def _build_refiner(self, model: torch.nn.Module):
@@ -369,6 +385,8 @@ class Trainer:
             from crl.training.distributed import rng_states_plain
 
             ranks_rng = rng_states_plain(self.dist)
+        if self.fsdp:  # rank 0's state_dict() below must not leave FSDP's state differing across ranks
+            self.dist.reshard(self.model)
         if not self.is_main:
             return
         from peft import get_peft_model_state_dict
@@ -423,9 +441,11 @@ class Trainer:
             t_opt = time.perf_counter()
             if self.dist is not None:  # the sum of the ranks' shares is the global batch's gradient
                 self.dist.all_reduce_gradients([p for p in self.model.parameters() if p.requires_grad])
-            grad_norm = self.accelerator.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.requires_grad], self.config.optim.max_grad_norm
-            )
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            if self.fsdp:  # whole LoRA tensors, already summed: plain clipping (accelerate's FSDP branch expects its own model)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.config.optim.max_grad_norm)
+            else:
+                grad_norm = self.accelerator.clip_grad_norm_(trainable, self.config.optim.max_grad_norm)
             lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()
@@ -445,6 +465,8 @@ class Trainer:
                 self._checkpoint()
         if bar is not None:
             bar.close()
+        if self.fsdp and self.step >= total:  # on every rank, before rank 0 reads the adapter
+            self.dist.reshard(self.model)
         if self.step >= total and self.is_main:
             self._finish()
         self.accelerator.wait_for_everyone()
