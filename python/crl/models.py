@@ -584,7 +584,8 @@ class _NoHead(torch.nn.Module):
     model's forward returns normally without computing [B, T, V]."""
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return hidden_states[..., :0]
+        # a new tensor, not a view: FSDP warns about views returned by the root's forward
+        return hidden_states.new_empty((*hidden_states.shape[:-1], 0))
 
 
 def _child_slot(root: torch.nn.Module, target: torch.nn.Module) -> tuple[torch.nn.Module, str]:
