@@ -2,7 +2,8 @@
 
 The two ranks are started as plain subprocesses with the torchrun-style environment (RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) that `accelerate launch` also sets; this file is
-their entry point (`python tests/test_distributed.py worker ...`).
+their entry point (`python tests/test_distributed.py worker ...`). For FSDP they also get the
+variables `accelerate launch --config_file configs/accelerate/fsdp2.yaml` sets (FSDP_ENV).
 """
 
 from __future__ import annotations
@@ -16,9 +17,15 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 4
+# What `accelerate launch --config_file configs/accelerate/fsdp2.yaml` puts in every process's environment
+# (the parts crl reads; accelerate itself treats FSDP on the CPU as plain multi-CPU).
+FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true",
+            "FSDP_OFFLOAD_PARAMS": "false", "FSDP_ACTIVATION_CHECKPOINTING": "false",
+            "FSDP_CPU_RAM_EFFICIENT_LOADING": "false", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"}
 KEYS = ("loss", "loss_benign", "loss_harmful", "loss_kl", "active_benign", "active_harmful",
         "benign_d_pos", "benign_d_neg", "harmful_d_pos", "harmful_d_neg", "grad_norm", "lr")
 
@@ -48,6 +55,15 @@ def _worker(pools: str, out: str, max_steps: int, resume: bool, extra: list[str]
     trainer.train(max_steps=max_steps)
     same_at_end = dist.parameters_equal(lora)
     report = {"rank": dist.rank, "same_at_start": same_at_start, "same_at_end": same_at_end, "step": trainer.step}
+    if dist.fsdp is not None:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+
+        from crl.models import decoder_layers
+
+        report["layers_sharded"] = all(isinstance(layer, FSDPModule) for layer in decoder_layers(trainer.model))
+        report["frozen_held"] = dist.frozen_fraction_held(trainer.model)
+        report["lora_whole"] = not any(isinstance(p, DTensor) for p in lora)
     Path(out, f"rank{dist.rank}.json").write_text(json.dumps(report))
     from crl.training.trainer import shutdown_distributed
 
@@ -61,13 +77,15 @@ def _free_port() -> int:
 
 
 def run_two_processes(pools: Path, out: Path, *, max_steps: int = STEPS, resume: bool = False,
-                      extra: list[str] | None = None, timeout: float = 120.0) -> None:
+                      extra: list[str] | None = None, timeout: float = 120.0,
+                      env_extra: dict[str, str] | None = None) -> list[dict]:
+    """Run the two ranks; returns their reports."""
     port = _free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                   HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+                   HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env_extra or {}))
         args = [sys.executable, __file__, "worker", str(pools), str(out), str(max_steps), str(int(resume)),
                 json.dumps(extra or [])]
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
@@ -82,9 +100,12 @@ def run_two_processes(pools: Path, out: Path, *, max_steps: int = STEPS, resume:
                 p.kill()
     for rank, (p, text) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"rank {rank} failed:\n{text[-4000:]}"
+    reports = []
     for rank in range(2):
         report = json.loads((out / f"rank{rank}.json").read_text())
         assert report["same_at_start"] and report["same_at_end"], report
+        reports.append(report)
+    return reports
 
 
 def metrics(out: Path) -> list[dict]:
@@ -159,6 +180,73 @@ def test_two_processes_with_mining_and_refinement(tmp_path: Path, pools_dir: Pat
     run_two_processes(pools_dir, tmp_path / "two", extra=extra)
     keys = KEYS + ("loss_benign_mined", "loss_harmful_mined", "mined_sim_benign", "mined_sim_harmful", "attack_loss")
     assert_same_trajectory(metrics(tmp_path / "one"), metrics(tmp_path / "two"), keys)
+
+
+def run_accelerate_fsdp(pools: Path, out: Path, *, max_steps: int, timeout: float = 120.0) -> str:
+    """The user-facing route: `accelerate launch --config_file configs/accelerate/fsdp2.yaml -m crl train`
+    with two processes (on a machine without GPUs accelerate runs them on the CPU with gloo and leaves
+    FSDP to crl, which reads accelerate's environment)."""
+    sets = [a for s in _sets(pools, []) for a in ("--set", s)]
+    args = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(REPO / "configs" / "accelerate" / "fsdp2.yaml"), "--num_processes", "2",
+            "--main_process_port", str(_free_port()), "-m", "crl", "train", str(REPO / "configs" / "tiny.toml"),
+            *sets, "--output-dir", str(out), "--max-steps", str(max_steps)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return proc.stdout
+
+
+def test_fsdp_two_processes_match_one_and_resume(tmp_path: Path, pools_dir: Path) -> None:
+    """FSDP2 (frozen weights sharded over 2 ranks, LoRA whole): a run launched by `accelerate launch`
+    with configs/accelerate/fsdp2.yaml, stopped at step 2 and resumed to step 4, has the single-process
+    loss trajectory of the same global batch; rank 0 wrote full LoRA checkpoints and a peft adapter
+    equal to the single-process ones."""
+    from safetensors.torch import load_file
+
+    run_one_process(pools_dir, tmp_path / "one")
+    out = tmp_path / "fsdp"
+    log = run_accelerate_fsdp(pools_dir, out, max_steps=2)
+    assert log.count("crl: FSDP2 over 2 processes: each holds 50.0% of the frozen weights") == 1, log[-4000:]
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+    reports = run_two_processes(pools_dir, out, resume=True, env_extra=FSDP_ENV)
+    for report in reports:  # each rank holds half of the frozen weights, and the LoRA weights whole
+        assert report["layers_sharded"] and report["lora_whole"], report
+        assert report["frozen_held"] == pytest.approx(0.5, abs=0.01), report
+    one, two = metrics(tmp_path / "one"), metrics(out)
+    assert_same_trajectory(one, two)
+    assert two[-1]["loss_harmful"] != two[0]["loss_harmful"]  # it trained
+
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000002", "step-000004"]
+    ref = load_file(str(tmp_path / "one" / "checkpoints" / "step-000004" / "adapter.safetensors"))
+    got = load_file(str(out / "checkpoints" / "step-000004" / "adapter.safetensors"))
+    assert sorted(got) == sorted(ref) and all(got[k].shape == ref[k].shape for k in ref)  # the full adapter
+    ref_adapter = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert sorted(adapter) == sorted(ref_adapter) and (out / "adapter" / "adapter_config.json").is_file()
+    # Adam turns the ~1e-6 differences of summed gradients into ~1e-5 relative differences of the
+    # weights (the same as plain data parallelism); a real error would be orders of magnitude larger.
+    for a, b in ((got, ref), (adapter, ref_adapter)):
+        for key in b:
+            assert float((a[key] - b[key]).norm()) <= 1e-3 * float(b[key].norm()) + 1e-7, key
+
+
+def test_fsdp_settings_from_environment() -> None:
+    from crl.config import ConfigError
+    from crl.training.distributed import FsdpSettings
+
+    assert FsdpSettings.from_environment({}) is None
+    assert FsdpSettings.from_environment(FSDP_ENV) == FsdpSettings(reshard_after_forward=True)
+    assert not FsdpSettings.from_environment({**FSDP_ENV, "FSDP_RESHARD_AFTER_FORWARD": "false"}).reshard_after_forward
+    with pytest.raises(ConfigError, match="fsdp_version = 1"):
+        FsdpSettings.from_environment({**FSDP_ENV, "FSDP_VERSION": "1"})
+    with pytest.raises(ConfigError, match="fsdp_offload_params"):
+        FsdpSettings.from_environment({**FSDP_ENV, "FSDP_OFFLOAD_PARAMS": "true"})
+    with pytest.raises(ConfigError, match="fsdp_cpu_ram_efficient_loading"):
+        FsdpSettings.from_environment({**FSDP_ENV, "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"})
+    with pytest.raises(ConfigError, match="fsdp_reshard_after_forward"):
+        FsdpSettings.from_environment({**FSDP_ENV, "FSDP_RESHARD_AFTER_FORWARD": "FULL_SHARD"})
 
 
 def test_batch_size_must_divide(tmp_path: Path) -> None:

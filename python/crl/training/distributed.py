@@ -16,11 +16,17 @@ global batch, term by term:
   and before clipping.
 
 Why not DDP's reducer: crl's forwards do not go through a DDP wrapper. The hidden-state passes are
-truncated by forward hooks that raise after the last loss layer, and the frozen pass runs the same
+truncated (only the decoder layers up to the last loss layer run), and the frozen pass runs the same
 module with its adapter disabled (`disable_adapter`), so they call the unwrapped PeftModel; DDP's
 reducer would see neither a forward it prepared nor every parameter used. The model is therefore not
 wrapped (no `DistributedDataParallel`), its trainable parameters are broadcast from rank 0 once, and
 gradients are reduced explicitly in one flat all-reduce per optimizer step.
+
+FSDP (`accelerate launch` with an FSDP config, `fsdp_version: 2`; see `FsdpSettings`): the frozen base
+weights are sharded with FSDP2 (`fully_shard` per decoder layer, then the rest of the model as the
+root), gathered layer by layer for each pass; the LoRA parameters are left out of the sharding
+(`ignored_params`): they stay whole on every rank and everything above applies to them unchanged
+(broadcast once, gradients summed explicitly, plain optimizer, full checkpoints).
 
 Metrics are reduced inside `LossComputer` (`reduce_metrics`) so that the values every rank holds,
 and the main rank logs, are the global ones.
@@ -28,7 +34,9 @@ and the main rank logs, are the global ones.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -46,13 +54,65 @@ def _dist():
     return dist
 
 
+def _env_flag(env: Mapping[str, str], name: str, field: str) -> bool:
+    value = env.get(name, "false").strip().lower()
+    if value in ("y", "yes", "t", "true", "on", "1"):  # accelerate's str_to_bool
+        return True
+    if value in ("n", "no", "f", "false", "off", "0", ""):
+        return False
+    raise ConfigError(f"accelerate config: {field} = {value!r} ({name}); expected true or false")
+
+
+@dataclass(frozen=True)
+class FsdpSettings:
+    """What crl takes from an accelerate FSDP configuration, read from the environment that
+    `accelerate launch --config_file ...` (or `--use_fsdp ...`) sets for every process.
+
+    crl applies FSDP2 itself (`DistributedContext.shard_model`): one `fully_shard` group per decoder
+    layer plus the root, LoRA parameters left whole. Of accelerate's FSDP options it uses
+    `fsdp_version` (must be 2) and `fsdp_reshard_after_forward`; it refuses the ones it would otherwise
+    silently ignore or that would break loading (`fsdp_offload_params`, `fsdp_activation_checkpointing`,
+    `fsdp_cpu_ram_efficient_loading`); the wrap policy, state dict type and prefetch options do not apply (crl wraps per decoder layer and writes its
+    own checkpoints). Reading the environment rather than accelerate's plugin object makes the CPU
+    path (accelerate treats FSDP on CPU as plain multi-CPU) the same as the GPU one."""
+
+    reshard_after_forward: bool = True
+    """Free each decoder layer's gathered weights after its forward (gathered again for backward):
+    the memory saving FSDP is for. False keeps them until the backward (ZeRO-2-like)."""
+
+    @classmethod
+    def from_environment(cls, env: Mapping[str, str] | None = None) -> "FsdpSettings | None":
+        """The settings of an FSDP launch, or None when FSDP is not configured."""
+        env = os.environ if env is None else env
+        if not _env_flag(env, "ACCELERATE_USE_FSDP", "distributed_type FSDP"):
+            return None
+        version = env.get("FSDP_VERSION", "1").strip()
+        if version != "2":
+            raise ConfigError(
+                f"accelerate config: fsdp_version = {version}; crl shards with FSDP2 (fully_shard): set "
+                "fsdp_version: 2 in fsdp_config (see configs/accelerate/fsdp2.yaml)"
+            )
+        # Options crl would otherwise ignore silently. With cpu_ram_efficient_loading, transformers loads
+        # empty (meta) weights on every rank but the first, for accelerate's model preparation to fill.
+        for name, field in (("FSDP_OFFLOAD_PARAMS", "fsdp_offload_params"),
+                            ("FSDP_ACTIVATION_CHECKPOINTING", "fsdp_activation_checkpointing"),
+                            ("FSDP_CPU_RAM_EFFICIENT_LOADING", "fsdp_cpu_ram_efficient_loading")):
+            if _env_flag(env, name, field):
+                raise ConfigError(f"accelerate config: {field} = true is not supported by crl's FSDP path; set it to false")
+        reshard = _env_flag(env, "FSDP_RESHARD_AFTER_FORWARD", "fsdp_reshard_after_forward") \
+            if "FSDP_RESHARD_AFTER_FORWARD" in env else True
+        return cls(reshard_after_forward=reshard)
+
+
 class DistributedContext:
     """Rank, world size and the collectives the trainer and the loss need (one per process)."""
 
-    def __init__(self, rank: int, world_size: int, device: torch.device) -> None:
+    def __init__(self, rank: int, world_size: int, device: torch.device, fsdp: FsdpSettings | None = None) -> None:
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.device = torch.device(device)
+        self.fsdp = fsdp
+        """FSDP settings when the base weights are sharded (`shard_model`), else None (data parallel)."""
 
     @classmethod
     def from_accelerator(cls, accelerator: Any) -> "DistributedContext | None":
@@ -62,17 +122,21 @@ class DistributedContext:
         from accelerate.utils import DistributedType
 
         kind = accelerator.distributed_type
-        if kind not in (
+        fsdp = FsdpSettings.from_environment()
+        if fsdp is None and kind == DistributedType.FSDP:  # a plugin without the environment: not crl's CLI
+            raise ConfigError("accelerate: FSDP is configured without ACCELERATE_USE_FSDP in the environment; "
+                              "launch with `accelerate launch --config_file <fsdp config>`")
+        if kind != DistributedType.FSDP and kind not in (
             DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.MULTI_NPU,
             DistributedType.MULTI_XPU, DistributedType.MULTI_MLU, DistributedType.MULTI_MUSA,
             DistributedType.MULTI_HPU, DistributedType.MULTI_SDAA,
         ):
             raise ConfigError(
-                f"accelerate: distributed type {kind} is not supported by crl's trainer; use plain data "
-                "parallelism (`accelerate launch --multi_gpu` or `--cpu`, no FSDP/DeepSpeed plugin). "
-                "See docs/distributed.md (FSDP)."
+                f"accelerate: distributed type {kind} is not supported by crl's trainer; use data "
+                "parallelism (`accelerate launch --multi_gpu` or `--cpu`) or FSDP2 (`--config_file "
+                "configs/accelerate/fsdp2.yaml`), not DeepSpeed. See docs/distributed.md."
             )
-        return cls(accelerator.process_index, accelerator.num_processes, accelerator.device)
+        return cls(accelerator.process_index, accelerator.num_processes, accelerator.device, fsdp)
 
     @property
     def is_main(self) -> bool:
@@ -186,6 +250,64 @@ class DistributedContext:
                 out[key] = sum(values) / len(values)
         return out
 
+    # --- FSDP ---------------------------------------------------------------------------------
+
+    def shard_model(self, model: torch.nn.Module) -> None:
+        """FSDP2: shard `model`'s frozen weights across the ranks, in place, and put it on the device.
+
+        One `fully_shard` group per decoder layer (all-gathered just before the layer runs, freed after
+        it when `reshard_after_forward`), then the root group (embeddings, final norm, LM head, which
+        share a tied weight on many models). The trainable (LoRA) parameters are `ignored_params`: they
+        stay whole on every rank, so the data-parallel code (broadcast, summed gradients, optimizer,
+        checkpoints) applies to them unchanged, and FSDP never reduces a gradient (it averages in its
+        reduce-scatter, while crl's per-rank losses are shares to be summed). Call it before the
+        optimizer is built."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from crl.models import decoder_layers, fsdp_lazy_init
+
+        if self.fsdp is None:
+            raise RuntimeError("shard_model: this run is not configured for FSDP")
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        with torch.no_grad():  # ignored parameters are not moved by fully_shard
+            for p in trainable:
+                p.data = p.data.to(self.device)
+        ignored = set(trainable)
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        for layer in decoder_layers(model):
+            fully_shard(layer, mesh=mesh, reshard_after_forward=self.fsdp.reshard_after_forward, ignored_params=ignored)
+        # The root keeps its weights gathered after the forward: crl applies the LM head to the selected
+        # tokens outside the model's forward (LossComputer's retain KL), which needs the whole weight.
+        fully_shard(model, mesh=mesh, reshard_after_forward=False, ignored_params=ignored)
+        fsdp_lazy_init(model)  # before a truncated pass hides decoder layers from FSDP's first walk
+
+    @staticmethod
+    def reshard(model: torch.nn.Module) -> None:
+        """Free every gathered FSDP weight of `model` (local, no communication). Call it on every rank
+        before a rank-0-only `state_dict()`: FSDP's state-dict hook reshards the calling rank only,
+        and a rank whose root is sharded joins an all-gather at the next forward that the others skip."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+    def frozen_fraction_held(self, model: torch.nn.Module) -> float:
+        """Share of the frozen parameters' elements that this rank holds (about 1 / world size when
+        they are sharded; for tests)."""
+        from torch.distributed.tensor import DTensor
+
+        if self.fsdp is not None:
+            self.reshard(model)  # gathered weights are registered in place of the shards
+        total = local = 0
+        for p in model.parameters():
+            if p.requires_grad:
+                continue
+            total += p.numel()
+            local += p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+        return local / max(total, 1)
+
     # --- parameters and gradients --------------------------------------------------------------
 
     def broadcast_parameters(self, params: Sequence[torch.Tensor]) -> None:
@@ -243,4 +365,4 @@ def restore_rank_rng(ctx: DistributedContext, states: list[Any]) -> bool:
     return True
 
 
-__all__ = ["DistributedContext", "restore_rank_rng", "rng_states_plain"]
+__all__ = ["DistributedContext", "FsdpSettings", "restore_rank_rng", "rng_states_plain"]

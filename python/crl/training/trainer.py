@@ -170,6 +170,10 @@ class Trainer:
         )
         if self.fsdp:
             self.dist.shard_model(self.model)  # the frozen weights sharded onto the devices; LoRA whole
+            held = self.dist.frozen_fraction_held(self.model)
+            if self.is_main:
+                print(f"crl: FSDP2 over {self.dist.world_size} processes: each holds {held:.1%} of the frozen "
+                      "weights (one shard group per decoder layer); LoRA weights whole on every process")
         else:
             self.model.to(self.accelerator.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
