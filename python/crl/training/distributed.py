@@ -72,8 +72,8 @@ class FsdpSettings:
     layer plus the root, LoRA parameters left whole. Of accelerate's FSDP options it uses
     `fsdp_version` (must be 2) and `fsdp_reshard_after_forward`; it refuses the ones it would otherwise
     silently ignore or that would break loading (`fsdp_offload_params`, `fsdp_activation_checkpointing`,
-    `fsdp_cpu_ram_efficient_loading`); the wrap policy, state dict type and prefetch options do not apply (crl wraps per decoder layer and writes its
-    own checkpoints). Reading the environment rather than accelerate's plugin object makes the CPU
+    `fsdp_cpu_ram_efficient_loading`); the wrap policy, state dict type and prefetch options do not
+    apply (crl wraps per decoder layer and writes its own checkpoints). Reading the environment rather than accelerate's plugin object makes the CPU
     path (accelerate treats FSDP on CPU as plain multi-CPU) the same as the GPU one."""
 
     reshard_after_forward: bool = True
