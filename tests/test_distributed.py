@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -45,6 +46,7 @@ def _worker(pools: str, out: str, max_steps: int, resume: bool, extra: list[str]
     from crl.training.config import load_train_config
     from crl.training.trainer import Trainer
 
+    gathers = _count_all_gathers()
     config = load_train_config(REPO / "configs" / "tiny.toml", _sets(Path(pools), extra))
     model, tokenizer = build_tiny_llama(seed=0)
     trainer = Trainer(config, out, resume=resume, model=model, tokenizer=tokenizer)
@@ -55,6 +57,8 @@ def _worker(pools: str, out: str, max_steps: int, resume: bool, extra: list[str]
     trainer.train(max_steps=max_steps)
     same_at_end = dist.parameters_equal(lora)
     report = {"rank": dist.rank, "same_at_start": same_at_start, "same_at_end": same_at_end, "step": trainer.step}
+    if trainer.miner is not None:
+        report["bank_reused"] = trainer.miner.bank.reused
     if dist.fsdp is not None:
         from torch.distributed.fsdp import FSDPModule
         from torch.distributed.tensor import DTensor
@@ -64,10 +68,29 @@ def _worker(pools: str, out: str, max_steps: int, resume: bool, extra: list[str]
         report["layers_sharded"] = all(isinstance(layer, FSDPModule) for layer in decoder_layers(trainer.model))
         report["frozen_held"] = dist.frozen_fraction_held(trainer.model)
         report["lora_whole"] = not any(isinstance(p, DTensor) for p in lora)
+        report["all_gathers"] = gathers[0]  # FSDP's weight all-gathers: lock-step ranks issue as many
     Path(out, f"rank{dist.rank}.json").write_text(json.dumps(report))
     from crl.training.trainer import shutdown_distributed
 
     shutdown_distributed()
+
+
+def _count_all_gathers() -> list[int]:
+    """Count the tensor all-gathers of this process (FSDP2 gathers weights with one of these)."""
+    import torch.distributed as dist
+
+    count = [0]
+    for name in ("all_gather_single", "all_gather_into_tensor"):
+        original = getattr(dist, name, None)
+        if original is None:
+            continue
+
+        def counted(*args, _original=original, **kwargs):
+            count[0] += 1
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+    return count
 
 
 def _free_port() -> int:
@@ -182,20 +205,33 @@ def test_two_processes_with_mining_and_refinement(tmp_path: Path, pools_dir: Pat
     assert_same_trajectory(metrics(tmp_path / "one"), metrics(tmp_path / "two"), keys)
 
 
-def run_accelerate_fsdp(pools: Path, out: Path, *, max_steps: int, timeout: float = 120.0) -> str:
+def run_accelerate_fsdp(pools: Path, out: Path, *, max_steps: int, timeout: float = 120.0,
+                        extra: list[str] | None = None) -> str:
     """The user-facing route: `accelerate launch --config_file configs/accelerate/fsdp2.yaml -m crl train`
     with two processes (on a machine without GPUs accelerate runs them on the CPU with gloo and leaves
-    FSDP to crl, which reads accelerate's environment)."""
-    sets = [a for s in _sets(pools, []) for a in ("--set", s)]
+    FSDP to crl, which reads accelerate's environment). A hang (ranks waiting in different collectives)
+    fails after `timeout` seconds: the launcher and its workers (its own process group) are killed."""
+    sets = [a for s in _sets(pools, extra or []) for a in ("--set", s)]
     args = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
             str(REPO / "configs" / "accelerate" / "fsdp2.yaml"), "--num_processes", "2",
             "--main_process_port", str(_free_port()), "-m", "crl", "train", str(REPO / "configs" / "tiny.toml"),
             *sets, "--output-dir", str(out), "--max-steps", str(max_steps)]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    return proc.stdout
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output = proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output = proc.communicate()[0]
+        pytest.fail(f"accelerate launch did not finish within {timeout:.0f}s (a hang?):\n{output[-4000:]}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, output[-4000:]
+    return output
 
 
 def test_fsdp_two_processes_match_one_and_resume(tmp_path: Path, pools_dir: Path) -> None:
@@ -214,6 +250,7 @@ def test_fsdp_two_processes_match_one_and_resume(tmp_path: Path, pools_dir: Path
     for report in reports:  # each rank holds half of the frozen weights, and the LoRA weights whole
         assert report["layers_sharded"] and report["lora_whole"], report
         assert report["frozen_held"] == pytest.approx(0.5, abs=0.01), report
+    assert reports[0]["all_gathers"] == reports[1]["all_gathers"] > 0, reports
     one, two = metrics(tmp_path / "one"), metrics(out)
     assert_same_trajectory(one, two)
     assert two[-1]["loss_harmful"] != two[0]["loss_harmful"]  # it trained
@@ -230,6 +267,42 @@ def test_fsdp_two_processes_match_one_and_resume(tmp_path: Path, pools_dir: Path
     for a, b in ((got, ref), (adapter, ref_adapter)):
         for key in b:
             assert float((a[key] - b[key]).norm()) <= 1e-3 * float(b[key].norm()) + 1e-7, key
+
+
+# Mining and refinement for the FSDP test. Refinement's draws (seed 0, probability 0.885): no attack at
+# steps 1 and 4, an attack with a refresh of the perturbation at steps 2 and 3 (across the resume).
+MINING_REFINEMENT = ["mining.enabled=true", 'mining.backend="native"', "mining.bank_batch_size=5",
+                     "refinement.enabled=true", "refinement.layers=[1,2]", "refinement.probability=0.885"]
+MINED_KEYS = ("loss_benign_mined", "loss_harmful_mined", "active_benign_mined", "active_harmful_mined",
+              "mined_sim_benign", "mined_sim_harmful", "attack_loss_start", "attack_loss", "attack_samples")
+
+
+def test_fsdp_mining_and_refinement_match_one_and_resume(tmp_path: Path, pools_dir: Path) -> None:
+    """FSDP2 with mining and refinement: the frozen bank is built through the sharded model by both
+    ranks in lock-step (3 batches of 5 over 2 ranks: rank 1 pads the second round) and equals the
+    single-process bank; the run (launched by `accelerate launch`, stopped at step 2, resumed by two
+    ranks that reuse the bank) has the single-process losses, mined terms and attack losses."""
+    import numpy as np
+
+    run_one_process(pools_dir, tmp_path / "one", [*MINING_REFINEMENT, f'mining.cache_dir="{tmp_path / "banks-one"}"'])
+    extra = [*MINING_REFINEMENT, f'mining.cache_dir="{tmp_path / "banks-fsdp"}"']
+    out = tmp_path / "fsdp"
+    log = run_accelerate_fsdp(pools_dir, out, max_steps=2, extra=extra)
+    assert "crl: FSDP2 over 2 processes" in log, log[-4000:]
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+    reports = run_two_processes(pools_dir, out, resume=True, env_extra=FSDP_ENV, extra=extra)
+    assert all(r["bank_reused"] and r["layers_sharded"] and r["lora_whole"] for r in reports), reports
+    assert reports[0]["all_gathers"] == reports[1]["all_gathers"] > 0, reports
+
+    one, two = metrics(tmp_path / "one"), metrics(out)
+    assert [("attack_loss" in m) for m in one] == [False, True, True, False]  # the schedule the comment says
+    assert [("attack_loss" in m) for m in two] == [False, True, True, False]
+    assert_same_trajectory(one, two, KEYS + MINED_KEYS)
+    # The bank built by the two ranks is the single-process one (same key: the whole model's fingerprint).
+    banks = [sorted(p for p in (tmp_path / name).iterdir()) for name in ("banks-one", "banks-fsdp")]
+    assert [[p.name for p in b] for b in banks[1:]] == [[p.name for p in banks[0]]] and len(banks[0]) == 1, banks
+    for ref in sorted(banks[0][0].glob("*.npy")):
+        assert np.array_equal(np.load(ref), np.load(banks[1][0] / ref.name)), ref.name
 
 
 def test_fsdp_settings_from_environment() -> None:

@@ -79,6 +79,92 @@ def test_bank_size_is_bounded(tmp_path, tiny_model, harmful_encoded):
     assert bank.size == 4 and len(set(bank.ids.tolist())) == 4
 
 
+class _ThreadRank:
+    """Stands in for DistributedContext's object collectives when the ranks are threads of this process."""
+
+    def __init__(self, rank: int, world_size: int, slots: list, barrier) -> None:
+        self.rank, self.world_size, self._slots, self._barrier = rank, world_size, slots, barrier
+
+    def _exchange(self, obj):
+        self._slots[self.rank] = obj
+        self._barrier.wait()  # times out (BrokenBarrierError) when a rank stops taking part
+        out = list(self._slots)
+        self._barrier.wait()
+        return out
+
+    def broadcast_object(self, obj, src=0):
+        return self._exchange(obj)[src]
+
+    def gather_object(self, obj, dst=0):
+        out = self._exchange(obj)
+        return out if self.rank == dst else None
+
+
+def _bank_on_ranks(world_size, model, tokenizer, encoded, root, layers):
+    """`build_or_load_bank` on `world_size` thread ranks: (each rank's bank or exception, its passes)."""
+    import threading
+
+    slots, barrier = [None] * world_size, threading.Barrier(world_size, timeout=60)
+    results, passes = [None] * world_size, [0] * world_size
+    pad = tokenizer.pad_token_id
+    selections = [token_selection(collate([e], pad), "response", 16)[0].tolist() for e in encoded]
+
+    import copy
+
+    models = [copy.deepcopy(model) for _ in range(world_size)]  # a pass swaps modules and adds hooks: one each
+
+    def run(rank):
+        def make_batch(indices):
+            passes[rank] += 1
+            batch = collate([encoded[i] for i in indices], pad)
+            return batch.input_ids, batch.attention_mask, token_selection(batch, "response", 16)
+
+        try:
+            results[rank] = build_or_load_bank(
+                models[rank], encoded, make_batch, selections, layers=layers, pooling="mean:response", root=root,
+                batch_size=3, dist=_ThreadRank(rank, world_size, slots, barrier),
+                model_hash=model_fingerprint(model) if rank == 0 else None,  # read on rank 0 only
+            )
+        except Exception as exc:  # noqa: BLE001
+            results[rank] = exc
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a rank hangs"
+    return results, passes
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_bank_built_in_lock_step_by_several_ranks(tmp_path, tiny_model, harmful_encoded, monkeypatch, world_size):
+    """Multi-process build (as under FSDP): 3 batches over W ranks, every rank running as many passes
+    (the ranks without a batch in the last round pad it), rank 0 writing: the single-process bank.
+    A reused bank runs no pass on any rank; a failed write on rank 0 fails every rank (no hang)."""
+    model, tokenizer = tiny_model
+    ref = _bank(model, tokenizer, harmful_encoded, tmp_path / "one", [2, 3])
+    banks, passes = _bank_on_ranks(world_size, model, tokenizer, harmful_encoded, tmp_path / "many", [2, 3])
+    assert passes == [-(-3 // world_size)] * world_size
+    for bank in banks:
+        assert not bank.reused and bank.path.name == ref.path.name and bank.path.parent == tmp_path / "many"
+        assert np.array_equal(bank.ids, ref.ids)
+        for a, b in zip(bank.vectors, ref.vectors):
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+    banks, passes = _bank_on_ranks(world_size, model, tokenizer, harmful_encoded, tmp_path / "many", [2, 3])
+    assert all(b.reused for b in banks) and passes == [0] * world_size
+
+    from crl.mining import bank as bank_module
+
+    def fail(self, rows, stored):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(bank_module._BankFiles, "write", fail)
+    errors, passes = _bank_on_ranks(world_size, model, tokenizer, harmful_encoded, tmp_path / "fail", [2, 3])
+    assert all(isinstance(e, RuntimeError) and "disk full" in str(e) for e in errors), errors
+    assert passes == [-(-3 // world_size)] * world_size and not list((tmp_path / "fail").iterdir())
+
+
 # --- the indexes ------------------------------------------------------------------------------------
 
 

@@ -174,12 +174,22 @@ def build_or_load_bank(
     seed: int = 0,
     model_hash: str | None = None,
     progress: bool = False,
+    dist: Any = None,
 ) -> FrozenBank:
     """The frozen bank of `encoded` (the harmful pool) under `root`, reused when its key exists.
 
     `make_batch(indices)` returns (input_ids, attention_mask, selection) on the model's device for
     those samples; `selections` are the per-sample token selections (part of the key). The model
     must be the frozen one (adapter disabled, or before LoRA is applied).
+
+    `dist` (a `crl.training.distributed.DistributedContext`; call it on every rank): the ranks work in
+    lock-step, as FSDP needs (every forward of a sharded model is a collective). Rank 0 alone computes
+    the key (`model_hash` is only read there: pass the fingerprint of the whole model when the model is
+    sharded) and decides whether the bank exists; every rank follows that decision. A build gives the
+    length-sorted batches to the ranks in turn (round k: batch k * W + rank), every rank running the
+    same number of passes (a rank without a batch in the last round recomputes the first one and
+    drops it); the pooled vectors are gathered to rank 0, which alone writes and renames the folder,
+    then every rank opens it. The bank is the one a single process builds (same key, same batches).
     """
     if dtype not in _TORCH_DTYPES:
         raise ValueError(f"mining.bank_dtype: expected bfloat16 or float16, got {dtype!r}")
@@ -192,68 +202,158 @@ def build_or_load_bank(
         chosen = np.sort(np.random.default_rng(seed).choice(n_total, max_size, replace=False))
     else:
         chosen = np.arange(n_total)
-    model_hash = model_hash or model_fingerprint(model)
-    data_hash = data_fingerprint(
-        [encoded[i].input_ids for i in chosen], [selections[i] for i in chosen], [encoded[i].example_id for i in chosen]
-    )
-    key = bank_key(model_hash, data_hash, layers, pooling, dtype, len(chosen), seed)
+    main = dist is None or dist.rank == 0
+    key = data_hash = None
+    exists = False
+    if main:
+        model_hash = model_hash or model_fingerprint(model)
+        data_hash = data_fingerprint(
+            [encoded[i].input_ids for i in chosen], [selections[i] for i in chosen], [encoded[i].example_id for i in chosen]
+        )
+        key = bank_key(model_hash, data_hash, layers, pooling, dtype, len(chosen), seed)
+        exists = (root / key / "meta.json").is_file()
+    if dist is not None:  # every rank follows rank 0: open, or build (forwards every rank must run)
+        key, exists = dist.broadcast_object((key, exists))
     final = root / key
-    if (final / "meta.json").is_file():
+    if exists:
         return open_bank(final)
 
     t0 = time.perf_counter()
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}."))
+    # batches of similar length (little padding), written at their rows
+    order = sorted(range(len(chosen)), key=lambda j: len(encoded[chosen[j]].input_ids))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if dist is None:
+        _write_bank(model, encoded, make_batch, chosen, batches, layers, dtype, root, key, pooling,
+                    model_hash, data_hash, seed, progress)
+    else:
+        _build_bank_lockstep(model, encoded, make_batch, chosen, batches, layers, dtype, root, key, pooling,
+                             model_hash, data_hash, seed, progress, dist)
+    bank = open_bank(final)
+    bank.reused = False
+    bank.build_seconds = time.perf_counter() - t0
+    return bank
+
+
+class _BankFiles:
+    """The temporary folder of a bank being written (by one process), renamed into place by `finish`."""
+
+    def __init__(self, root: Path, key: str, layers: Sequence[int], dtype: str, size: int) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root, self.key, self.layers, self.dtype, self.size = root, key, list(layers), dtype, size
+        self.tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}."))
+        self.dim: int | None = None
+        self.files: list[np.ndarray] = []
+
+    def write(self, rows: Sequence[int], stored: np.ndarray) -> None:
+        """Rows `rows` of every layer's file from `stored` [L, b, d] (storage dtype)."""
+        if self.dim is None:
+            self.dim = int(stored.shape[-1])
+            self.files = [
+                np.lib.format.open_memmap(self.tmp / f"layer-{l:03d}.npy", mode="w+", dtype=stored.dtype,
+                                          shape=(self.size, self.dim))
+                for l in self.layers
+            ]
+        for li, f in enumerate(self.files):
+            f[rows] = stored[li]
+
+    def finish(self, meta: dict[str, Any], ids: np.ndarray) -> None:
+        for f in self.files:
+            f.flush()
+        self.files = []
+        np.save(self.tmp / "ids.npy", ids.astype(np.int64))
+        (self.tmp / "meta.json").write_text(json.dumps({**meta, "dim": self.dim}), encoding="utf-8")
+        for item in self.tmp.iterdir():
+            with open(item, "rb") as handle:
+                os.fsync(handle.fileno())
+        os.chmod(self.tmp, 0o755)
+        final = self.root / self.key
+        try:
+            os.replace(self.tmp, final)
+        except OSError:
+            if not (final / "meta.json").is_file():  # not a concurrent builder that won the race
+                raise
+
+    def cleanup(self) -> None:
+        self.files = []
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _bank_meta(key, layers, dtype, size, pooling, model_hash, data_hash, seed, encoded, chosen) -> dict[str, Any]:
+    return {
+        "format": BANK_FORMAT, "key": key, "layers": layers, "dtype": dtype, "size": int(size),
+        "pooling": pooling, "model_hash": model_hash, "data_hash": data_hash, "seed": seed,
+        "example_ids": [encoded[i].example_id for i in chosen],
+    }
+
+
+def _pooled_batch(model, make_batch, chosen, rows, layers, dtype) -> np.ndarray:
+    ids, mask, sel = make_batch([int(chosen[j]) for j in rows])
+    return _torch_to_storage(pooled_states(model, ids, mask, sel, layers), dtype)  # [L, b, d]
+
+
+def _write_bank(model, encoded, make_batch, chosen, batches, layers, dtype, root, key, pooling,
+                model_hash, data_hash, seed, progress) -> None:
+    """One process: every batch, written as it comes."""
+    files = _BankFiles(root, key, layers, dtype, len(chosen))
     try:
-        dim = None
-        files: list[np.ndarray] = []
-        # batches of similar length (little padding), written at their rows
-        order = sorted(range(len(chosen)), key=lambda j: len(encoded[chosen[j]].input_ids))
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         iterator: Any = batches
         if progress:
             from tqdm.auto import tqdm
 
             iterator = tqdm(batches, desc="bank", unit="batch")
         for rows in iterator:
-            ids, mask, sel = make_batch([int(chosen[j]) for j in rows])
-            pooled = pooled_states(model, ids, mask, sel, layers)  # [L, b, d]
-            if dim is None:
-                dim = int(pooled.shape[-1])
-                np_dtype = np.int16 if dtype == "bfloat16" else np.float16
-                files = [
-                    np.lib.format.open_memmap(tmp / f"layer-{l:03d}.npy", mode="w+", dtype=np_dtype, shape=(len(chosen), dim))
-                    for l in layers
-                ]
-            stored = _torch_to_storage(pooled, dtype)
-            for li, f in enumerate(files):
-                f[rows] = stored[li]
-        for f in files:
-            f.flush()
-        del files
-        np.save(tmp / "ids.npy", chosen.astype(np.int64))
-        meta = {
-            "format": BANK_FORMAT, "key": key, "layers": layers, "dtype": dtype, "size": int(len(chosen)),
-            "dim": dim, "pooling": pooling, "model_hash": model_hash, "data_hash": data_hash, "seed": seed,
-            "example_ids": [encoded[i].example_id for i in chosen],
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
-        for item in tmp.iterdir():
-            with open(item, "rb") as handle:
-                os.fsync(handle.fileno())
-        os.chmod(tmp, 0o755)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / "meta.json").is_file():  # not a concurrent builder that won the race
-                raise
+            files.write(rows, _pooled_batch(model, make_batch, chosen, rows, layers, dtype))
+        files.finish(_bank_meta(key, layers, dtype, len(chosen), pooling, model_hash, data_hash, seed, encoded, chosen),
+                     chosen)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    bank = open_bank(final)
-    bank.reused = False
-    bank.build_seconds = time.perf_counter() - t0
-    return bank
+        files.cleanup()
+
+
+def _build_bank_lockstep(model, encoded, make_batch, chosen, batches, layers, dtype, root, key, pooling,
+                         model_hash, data_hash, seed, progress, dist) -> None:
+    """Every rank: the same number of passes; rank 0 writes (see `build_or_load_bank`). A failure to
+    write on rank 0 is reported to every rank after the loop (raising at once would leave the others
+    waiting in a collective)."""
+    world, rank, main = dist.world_size, dist.rank, dist.rank == 0
+    rounds = -(-len(batches) // world)
+    files = None
+    error: str | None = None
+    try:
+        if main:
+            try:
+                files = _BankFiles(root, key, layers, dtype, len(chosen))
+            except Exception as exc:  # noqa: BLE001 - reported to every rank below
+                error = f"{type(exc).__name__}: {exc}"
+        iterator: Any = range(rounds)
+        if progress and main:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(iterator, desc=f"bank ({world} processes)", unit="round")
+        for r in iterator:
+            b = r * world + rank
+            mine = batches[b] if b < len(batches) else None
+            stored = _pooled_batch(model, make_batch, chosen, mine if mine is not None else batches[0], layers, dtype)
+            parts = dist.gather_object((mine, stored) if mine is not None else None)
+            if main and error is None:
+                try:
+                    for part in parts:
+                        if part is not None:
+                            files.write(part[0], part[1])
+                except Exception as exc:  # noqa: BLE001
+                    error = f"{type(exc).__name__}: {exc}"
+        if main and error is None:
+            try:
+                files.finish(_bank_meta(key, layers, dtype, len(chosen), pooling, model_hash, data_hash, seed, encoded,
+                                        chosen), chosen)
+            except Exception as exc:  # noqa: BLE001
+                error = f"{type(exc).__name__}: {exc}"
+    finally:
+        if files is not None:
+            files.cleanup()
+    error = dist.broadcast_object(error)  # also the barrier before the other ranks open the bank
+    if error is not None:
+        raise RuntimeError(f"mining: rank 0 could not write the frozen bank {root / key}: {error}")
 
 
 # --- the trained-model queue ----------------------------------------------------------------------------

@@ -178,6 +178,18 @@ class DistributedContext:
         _dist().all_gather_object(out, obj)
         return out
 
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Rank `src`'s object, on every rank (the others pass anything, e.g. None)."""
+        box = [obj]
+        _dist().broadcast_object_list(box, src=src)
+        return box[0]
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        """Every rank's object, in rank order, on rank `dst` (None on the others)."""
+        out: list[Any] | None = [None] * self.world_size if self.rank == dst else None
+        _dist().gather_object(obj, out, dst=dst)
+        return out
+
     def all_gather_cat(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """Concatenate every rank's tensor along `dim` in rank order (sizes along `dim` may differ)."""
         parts = self.all_gather_object(tensor.detach().cpu())

@@ -239,6 +239,11 @@ class LossComputer:
         mined = None
         if self.miner is not None and batches is not None:
             mined = self._mine(fb, tb, fh, th, batches, metrics)
+            if mined.get("unused_attacked"):
+                # Other ranks than the main one: their attacked states, unused, still join the backward
+                # (weight 0), so that every rank's backward runs the same passes (under FSDP each
+                # layer's backward all-gathers its weights: a collective).
+                loss = loss + 0.0 * sum(h.float().mean() for h in mined["unused_attacked"].values())
             if mined["attacked"] is not None:
                 fa, ta = mined["attacked"]
                 fa_s, ta_s = frame.apply(fa.states), frame.apply(ta.states)
@@ -358,6 +363,7 @@ class LossComputer:
                 # but only the main rank's loss uses the attacked anchors (counted once, as in one process).
                 refined = refiner.refine(self.model, owners, batches.step, self.layers)
                 metrics.update(refined.metrics)
+                out["unused_attacked"] = refined.trained  # enters the loss with weight 0 (see _crl)
                 owners = []
             if owners:
                 refined = refiner.refine(self.model, owners, batches.step, self.layers)

@@ -140,11 +140,6 @@ class Trainer:
         if self.dist is not None:
             self.dist.check_batch_size(config.data.batch_size)
         self.fsdp = self.dist is not None and self.dist.fsdp is not None
-        if self.fsdp and config.mining.enabled:
-            raise ConfigError(
-                "mining.enabled = true is not supported with FSDP: the frozen bank is built by one process "
-                "through the whole model (and refinement needs mining); disable mining or use data parallelism"
-            )
         self._check_output_dir()
         seed_everything(config.run.seed)
         if model is None:
@@ -153,14 +148,21 @@ class Trainer:
             model, tokenizer = load_model(config.model.name, dtype=DTYPES[config.model.dtype])
         self.tokenizer = tokenizer
         self.base_model = model
-        with self.accelerator.main_process_first():  # demo pools and banks: built once, then read
+        with self.accelerator.main_process_first():  # demo pools: generated once (rank 0, unsharded model), then read
             self.streams = self._build_streams()
         self.miner = None
         self.refiner = None
-        if config.mining.enabled:
+        bank_model_hash = None
+        if config.mining.enabled and not self.fsdp:
+            # The frozen bank, through the base model (every rank in lock-step under multiple processes).
             model.to(self.accelerator.device)
-            with self.accelerator.main_process_first():
-                self.miner = self._build_miner(model)
+            self.miner = self._build_miner(model)
+        elif config.mining.enabled and self.is_main:
+            # FSDP: the bank is built through the sharded model below; its key hashes the whole base
+            # model, which only exists here, before sharding (the same key as without FSDP).
+            from crl.mining import model_fingerprint
+
+            bank_model_hash = model_fingerprint(model)
         from crl.models import apply_lora
 
         lora = config.lora
@@ -174,6 +176,9 @@ class Trainer:
             if self.is_main:
                 print(f"crl: FSDP2 over {self.dist.world_size} processes: each holds {held:.1%} of the frozen "
                       "weights (one shard group per decoder layer); LoRA weights whole on every process")
+            if config.mining.enabled:  # every rank runs the bank's passes (each one a collective)
+                with self.model.disable_adapter():
+                    self.miner = self._build_miner(self.model, model_hash=bank_model_hash)
         else:
             self.model.to(self.accelerator.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -266,8 +271,13 @@ class Trainer:
         """Token selection of harmful-pool batches (the bank and the refinement use only those)."""
         return token_selection(batch, self.config.loss.resolved_harmful_tokens, self.config.loss.first_response_tokens)
 
-    def _build_miner(self, model: torch.nn.Module):
-        """The frozen bank of the harmful pool (built once, cached by key) and the miner over it."""
+    def _build_miner(self, model: torch.nn.Module, model_hash: str | None = None):
+        """The frozen bank of the harmful pool (built once, cached by key) and the miner over it.
+
+        `model` is the frozen model (the base model, or under FSDP the sharded model with its adapter
+        disabled, then `model_hash` is the whole base model's fingerprint, read on rank 0 only). Under
+        multiple processes every rank calls this: the bank is built in lock-step (see
+        `build_or_load_bank`)."""
         from crl.mining import HardNegativeMiner, IndexParams, build_or_load_bank
 
         cfg = self.config
@@ -294,6 +304,7 @@ class Trainer:
                 dtype=mcfg.bank_dtype, max_size=mcfg.bank_size,
                 root=Path(mcfg.cache_dir).expanduser() if mcfg.cache_dir else None,
                 batch_size=mcfg.bank_batch_size, seed=cfg.run.seed, progress=cfg.run.progress and self.is_main,
+                model_hash=model_hash, dist=self.dist,
             )
         model.train(was_training)
         if len(set(bank.ids.tolist())) < 2:
