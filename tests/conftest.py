@@ -72,3 +72,26 @@ def smollm2_tokenizer():
         return ensure_padding(AutoTokenizer.from_pretrained(str(cached)))
     gguf = smollm2_gguf_path()
     return ensure_padding(AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
+
+
+@pytest.fixture(scope="session")
+def make_toy_pools(tmp_path_factory: pytest.TempPathFactory):
+    """make_toy_pools(n_harmful, n_benign, n_refusals) -> a folder of small hand-made pools (no
+    generation): demo harmful requests with compliant answers, benign ones with a helpful answer, and
+    refusals of the first harmful requests in the benign pool."""
+    from crl.data import Example, Pools, load_demo, save_pools
+
+    def make(n_harmful: int, n_benign: int, n_refusals: int) -> Path:
+        harmful = [
+            ex.with_response(f"Sure, here is how to do it. Step one: {ex.prompt.lower()[:40]}. Step two: proceed.")
+            for ex in load_demo("harmful", "train")[:n_harmful]
+        ]
+        benign = [ex.with_response("Happy to help. Here is a short, clear answer to your question.")
+                  for ex in load_demo("benign", "train")[:n_benign]]
+        refusals = [Example.from_prompt(f"refusal-{ex.id}", ex.prompt, "I can't help with that request.")
+                    for ex in harmful[:n_refusals]]
+        path = tmp_path_factory.mktemp("pools")
+        save_pools(Pools(harmful=harmful, benign=benign + refusals, retain=benign), path)
+        return path
+
+    return make

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 4
@@ -161,19 +160,8 @@ def assert_same_trajectory(one: list[dict], two: list[dict], keys=KEYS, rel: flo
 
 
 @pytest.fixture(scope="module")
-def pools_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from crl.data import Example, Pools, load_demo, save_pools
-
-    harmful = [
-        ex.with_response(f"Sure, here is how to do it. Step one: {ex.prompt.lower()[:40]}. Step two: proceed.")
-        for ex in load_demo("harmful", "train")[:12]
-    ]
-    benign = [ex.with_response("Happy to help. Here is a short, clear answer to your question.")
-              for ex in load_demo("benign", "train")[:12]]
-    refusals = [Example.from_prompt(f"refusal-{ex.id}", ex.prompt, "I can't help with that request.") for ex in harmful[:4]]
-    path = tmp_path_factory.mktemp("pools")
-    save_pools(Pools(harmful=harmful, benign=benign + refusals, retain=benign), path)
-    return path
+def pools_dir(make_toy_pools) -> Path:
+    return make_toy_pools(12, 12, 4)
 
 
 def test_two_processes_match_one_and_resume(tmp_path: Path, pools_dir: Path) -> None:

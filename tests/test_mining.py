@@ -273,6 +273,23 @@ def test_miner_excludes_own_sample_and_tracks_changes(tmp_path, tiny_model, harm
     assert miner.queue.version == state["queue"]["version"]
 
 
+def test_queue_with_offset_stores_centred_and_gathers_raw():
+    offset = torch.tensor([[40.0, 0.0, 0.0, 0.0], [0.0, -8.0, 0.0, 0.0]])
+    raw = torch.randn(2, 3, 4) + offset[:, None, :]
+    q = TrainedQueue([2, 3], capacity=5, dim=4, offset=offset)
+    q.push(raw, torch.tensor([0, 1, 2]))
+    arrays, _ = q.arrays()
+    stored = torch.from_numpy(np.stack(arrays)).view(torch.bfloat16).float()
+    torch.testing.assert_close(stored, (raw - offset[:, None, :]).bfloat16().float())  # centred, as indexed
+    got = q.gather(np.array([[2, 0], [1, 1]]))
+    torch.testing.assert_close(got, torch.stack([raw[0, [2, 0]], raw[1, [1, 1]]]), atol=0.02, rtol=0.01)
+    plain = TrainedQueue([2, 3], capacity=5, dim=4)  # a checkpoint written without the offset
+    plain.push(raw, torch.tensor([0, 1, 2]))
+    restored = TrainedQueue([2, 3], capacity=5, dim=4, offset=offset)
+    restored.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(restored.gather(np.array([[0], [2]])), plain.gather(np.array([[0], [2]])), atol=0.3, rtol=0.01)
+
+
 @pytest.mark.parametrize("backend", ["native", "faiss_flat"])
 def test_miner_ranks_centred_vectors_like_brute_force(tmp_path, backend):
     """A shared large component (as in real chat models) makes raw cosines near 1 for every pair; the

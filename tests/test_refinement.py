@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from crl.data import Example, Pools, collate, encode_example, load_demo, save_pools
+from crl.data import collate, encode_example, load_demo
 from crl.models import apply_lora, build_tiny_llama
 from crl.training.config import RefinementConfig, load_train_config
 from crl.training.refinement import AdversarialRefiner, hardest_owners, response_cross_entropy
@@ -119,17 +119,8 @@ def test_hardest_owners_ranks_by_score():
 
 
 @pytest.fixture(scope="module")
-def pools_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    harmful = [
-        ex.with_response(f"Sure, here is how to do it. Step one: {ex.prompt.lower()[:40]}. Step two: proceed.")
-        for ex in load_demo("harmful", "train")[:8]
-    ]
-    benign = [ex.with_response("Happy to help. Here is a short, clear answer to your question.")
-              for ex in load_demo("benign", "train")[:8]]
-    refusals = [Example.from_prompt(f"refusal-{ex.id}", ex.prompt, "I can't help with that request.") for ex in harmful[:2]]
-    path = tmp_path_factory.mktemp("pools")
-    save_pools(Pools(harmful=harmful, benign=benign + refusals, retain=benign), path)
-    return path
+def pools_dir(make_toy_pools) -> Path:
+    return make_toy_pools(8, 8, 2)
 
 
 def _config(pools: Path, banks: Path, **overrides):

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from crl.config import ConfigError
-from crl.data import Example, Pools, load_demo, save_pools
 from crl.models import build_tiny_llama
 from crl.training.config import TrainConfig, load_train_config
 from crl.training.trainer import Trainer
@@ -18,21 +17,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def pools_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Small hand-made pools (no generation): harmful requests with compliant answers, benign ones."""
-    harmful = [
-        ex.with_response(f"Sure, here is how to do it. Step one: {ex.prompt.lower()[:40]}. Step two: proceed.")
-        for ex in load_demo("harmful", "train")[:12]
-    ]
-    benign_prompts = load_demo("benign", "train")[:12]
-    benign = [ex.with_response("Happy to help. Here is a short, clear answer to your question.") for ex in benign_prompts]
-    refusals = [
-        Example.from_prompt(f"refusal-{ex.id}", ex.prompt, "I can't help with that request.")
-        for ex in harmful[:4]
-    ]
-    path = tmp_path_factory.mktemp("pools")
-    save_pools(Pools(harmful=harmful, benign=benign + refusals, retain=benign), path)
-    return path
+def pools_dir(make_toy_pools) -> Path:
+    return make_toy_pools(12, 12, 4)
 
 
 def tiny_config(pools: Path, **overrides: object) -> TrainConfig:

@@ -363,9 +363,13 @@ class TrainedQueue:
     """FIFO queue of the trained model's pooled harmful vectors, per layer (see module docstring).
 
     vectors: [L, capacity, d] in the storage dtype (CPU); ids: [capacity] int64 (-1 = empty slot).
+    With an `offset` [L, d], the queue stores each vector minus the offset (the miner's centred
+    frame, so that its index is built from `arrays()` as they are, without a copy per step); `gather`
+    adds it back.
     """
 
-    def __init__(self, layers: Sequence[int], capacity: int, dim: int, dtype: str = "bfloat16") -> None:
+    def __init__(self, layers: Sequence[int], capacity: int, dim: int, dtype: str = "bfloat16",
+                 offset: torch.Tensor | None = None) -> None:
         if capacity < 1:
             raise ValueError("mining.queue_size: expected >= 1")
         self.layers = list(layers)
@@ -377,10 +381,14 @@ class TrainedQueue:
         self.ptr = 0
         self.count = 0
         self.version = 0
+        self.offset = offset.detach().to("cpu", torch.float32) if offset is not None else None
 
     def push(self, vectors: torch.Tensor, ids: torch.Tensor) -> None:
         """Add [L, S, d] vectors of samples `ids` [S], replacing the oldest entries."""
-        vectors = vectors.detach().to("cpu", self.vectors.dtype)
+        vectors = vectors.detach().to("cpu")
+        if self.offset is not None:
+            vectors = vectors.float() - self.offset[:, None, :]
+        vectors = vectors.to(self.vectors.dtype)
         ids = ids.detach().to("cpu", torch.int64)
         s = int(ids.shape[0])
         if s == 0:
@@ -402,8 +410,8 @@ class TrainedQueue:
         self.push(storage_to_torch(data, self.dtype), torch.from_numpy(bank.ids[rows].copy()))
 
     def arrays(self) -> tuple[list[np.ndarray], np.ndarray]:
-        """The filled part as one C-contiguous [count, d] numpy array per layer (bf16 as int16 bits;
-        no copy when the queue is full) and the ids [count]."""
+        """The filled part as stored (minus the offset) as one C-contiguous [count, d] numpy array per
+        layer (bf16 as int16 bits; no copy when the queue is full) and the ids [count]."""
         v = self.vectors if self.count == self.capacity else self.vectors[:, : self.count].contiguous()
         v = v.view(torch.int16) if self.dtype == "bfloat16" else v
         arr = v.numpy()
@@ -414,16 +422,25 @@ class TrainedQueue:
         if rows.shape[0] != len(self.layers):
             raise ValueError(f"rows: expected one slice per layer ({len(self.layers)}), got {rows.shape}")
         out = [self.vectors[i, torch.from_numpy(np.maximum(rows[i], 0).reshape(-1))].float() for i in range(len(self.layers))]
-        return torch.stack(out).reshape(*rows.shape, self.dim)
+        out = torch.stack(out).reshape(*rows.shape, self.dim)
+        if self.offset is not None:
+            out = out + self.offset.reshape(len(self.layers), *([1] * (rows.ndim - 1)), self.dim)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"vectors": self.vectors.clone(), "ids": self.ids.clone(), "ptr": self.ptr, "count": self.count,
-                "version": self.version, "layers": list(self.layers)}
+                "version": self.version, "layers": list(self.layers), "offset": self.offset is not None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if list(state["layers"]) != self.layers or tuple(state["vectors"].shape) != tuple(self.vectors.shape):
             raise ValueError("mining queue in the checkpoint does not match the configuration (layers/queue_size)")
-        self.vectors = state["vectors"].to("cpu", self.vectors.dtype).clone()
+        vectors = state["vectors"].to("cpu")
+        stored_offset = bool(state.get("offset", False))
+        if stored_offset != (self.offset is not None):  # a checkpoint written in the other frame
+            if stored_offset:
+                raise ValueError("mining queue in the checkpoint is centred; resume with mining.center = true")
+            vectors = vectors.float() - self.offset[:, None, :]
+        self.vectors = vectors.to(self.vectors.dtype).clone()
         self.ids = state["ids"].to("cpu", torch.int64).clone()
         self.ptr, self.count, self.version = int(state["ptr"]), int(state["count"]), int(state["version"])
 

@@ -16,8 +16,9 @@ Ranking in the loss's frame (`center=True`): chat models' states share a large c
 about 70% of the norm), which makes every raw cosine about 0.7 and the ranking close to arbitrary;
 the loss therefore centres states on the frozen mean (crl.losses.objectives.LayerFrame). The miner
 ranks the same way: bank, queue and queries minus the frozen bank's per-layer mean. The index then
-holds a centred copy of the bank (as much memory again as the bank, in its storage dtype); the
-negatives handed to the loss are still the raw vectors, which the loss puts in its own frame.
+holds a centred copy of the bank (as much memory again as the bank, in its storage dtype), and the
+queue stores its vectors centred (centred once on entry, not once per search); the negatives handed
+to the loss are the raw vectors again, which the loss puts in its own frame.
 
 Logged: the mean similarity of the mined negatives, the fraction of (sample, layer) pairs whose
 hardest negative changed since that sample was last mined (over samples seen before), and the
@@ -93,7 +94,9 @@ class HardNegativeMiner:
         # The queue changes every step: it is searched exactly (native, or a FAISS flat index that is
         # cheap to rebuild when the frozen bank uses FAISS).
         self.queue_backend = "faiss_flat" if self.index.name.startswith("faiss") else "native"
-        self.queue = TrainedQueue(self.benign_layers, queue_size, bank.dim, bank.dtype)
+        offset = (torch.from_numpy(np.stack([self.centers[l] for l in self.benign_layers]))
+                  if self.centers is not None else None)
+        self.queue = TrainedQueue(self.benign_layers, queue_size, bank.dim, bank.dtype, offset=offset)
         self.queue.fill_from(bank, seed)
         self._queue_index: NegativeIndex | None = None
         self._queue_version = -1
@@ -129,8 +132,7 @@ class HardNegativeMiner:
 
     def _queue_search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self._queue_index is None or self._queue_version != self.queue.version:
-            arrays, ids = self.queue.arrays()
-            arrays = [self._centred(a, l, self.queue.dtype) for a, l in zip(arrays, self.benign_layers)]
+            arrays, ids = self.queue.arrays()  # already centred (the queue's offset)
             self._queue_index = make_index(self.queue_backend, self.params).build(arrays, ids, kind=self.queue.dtype)
             self._queue_version = self.queue.version
         return self._queue_index.search(queries, self.k)

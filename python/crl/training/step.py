@@ -218,15 +218,19 @@ class LossComputer:
     def _share(self, out, rows: int):
         return out if self.dist is None else self.dist.shard_triplet(out, rows)
 
+    def _fit_frame(self, *frozen: torch.Tensor) -> LayerFrame:
+        """crl's layer frame fitted on the frozen rows [L, R, d] of every given set (global under
+        multi-process training)."""
+        fit = LayerFrame.fit if self.dist is None else self.dist.fit_frame
+        cfg = self.config
+        return fit(torch.cat(frozen, dim=1), center=cfg.center_states, scale=cfg.normalize_layer_scale)
+
     def _crl(self, frozen_hidden, trained_hidden, benign_sel, harmful_sel, progress, metrics, batches=None) -> torch.Tensor:
         cfg = self.config
         fb, tb = self._rows(frozen_hidden, benign_sel), self._rows(trained_hidden, benign_sel)
         fh, th = self._rows(frozen_hidden, harmful_sel), self._rows(trained_hidden, harmful_sel)
         fb_s, tb_s, fh_s, th_s = fb.states, tb.states, fh.states, th.states
-        fit = LayerFrame.fit if self.dist is None else self.dist.fit_frame
-        frame = fit(
-            torch.cat([fb.states, fh.states], dim=1), center=cfg.center_states, scale=cfg.normalize_layer_scale
-        )
+        frame = self._fit_frame(fb.states, fh.states)
         fb_s, tb_s, fh_s, th_s = (frame.apply(x) for x in (fb_s, tb_s, fh_s, th_s))
         if self.dist is None:
             centroid = th_s.float().mean(dim=1)  # [L, d], the collapsed harmful region (carries grad)
@@ -401,11 +405,9 @@ class LossComputer:
     def _baseline_frame(self, trained_a, frozen_a, trained_b, frozen_b):
         """With `loss.baseline_frame`, the four [L, R, d] state sets in crl's layer frame (fitted on
         the frozen rows of both), else unchanged."""
-        cfg = self.config
-        if not cfg.baseline_frame:
+        if not self.config.baseline_frame:
             return trained_a, frozen_a, trained_b, frozen_b
-        fit = LayerFrame.fit if self.dist is None else self.dist.fit_frame
-        frame = fit(torch.cat([frozen_a, frozen_b], dim=1), center=cfg.center_states, scale=cfg.normalize_layer_scale)
+        frame = self._fit_frame(frozen_a, frozen_b)
         return tuple(frame.apply(x) for x in (trained_a, frozen_a, trained_b, frozen_b))
 
     def _circuit_breakers(self, frozen_hidden, trained_hidden, retain_mask, harmful_sel, progress, metrics):
