@@ -463,7 +463,10 @@ def test_demo_data_set():
         "self_harm", "theft",
     }
     bcats = collections.Counter(e.category for e in benign)
-    assert bcats["borderline"] >= 30 and len(bcats) >= 9
+    assert bcats["borderline"] >= 30 and len(bcats) >= 10
+    # contrast prompts: XSTest's ten kinds of harmful-sounding safe prompt, written fresh
+    contrast_types = collections.Counter(e.meta["type"] for e in benign if e.category == "contrast")
+    assert len(contrast_types) == 10 and min(contrast_types.values()) >= 5
     assert all(e.target and e.target.startswith("Sure, here is") for e in harmful)
     assert all(e.label == "harmful" for e in harmful) and all(e.label == "benign" for e in benign)
     assert all(e.response is None for e in harmful + benign)
