@@ -9,7 +9,12 @@ refusal / partial refusal) is reported too.
 
 The rows are split by position into a development half (even rows, the only half looked at while
 the refusal patterns were written) and a held-out half (odd rows); the report gives both and the
-whole. CLI: ``crl eval judge-agreement [--data-dir DIR] [--judge combined] [--output FILE]``.
+whole. CLI: ``crl eval judge-agreement [--data-dir DIR] [--judge combined] [--output FILE]
+[--perplexity-model smollm2]``.
+
+With ``--perplexity-model`` the coherence judge also scores each completion's perplexity under that
+model, as `crl eval` does under its base model, and the result reports the perplexity distribution
+of these real, coherent completions: this is how `JudgeConfig.max_perplexity` was calibrated.
 """
 
 from __future__ import annotations
@@ -57,13 +62,15 @@ def xstest_string_match(completion: str) -> str:
     return "compliance"
 
 
-def make_judge(name: str):
+def make_judge(name: str, perplexity_fn: Any = None, max_perplexity: float | None = None):
     from crl.evaluation import judges as J
+    from crl.evaluation.config import JudgeConfig
 
+    coherence = J.CoherenceJudge(perplexity_fn, max_perplexity=max_perplexity or JudgeConfig.max_perplexity)
     if name == "combined":
-        return J.CombinedJudge()
+        return J.CombinedJudge(coherence=coherence)
     if name == "combined_no_semantic":
-        return J.CombinedJudge(use_semantic=False)
+        return J.CombinedJudge(coherence=coherence, use_semantic=False)
     if name == "refusal_patterns":
         return J.RefusalStringJudge("patterns")
     if name == "refusal_gcg":
@@ -97,10 +104,39 @@ def agreement(humans: Sequence[str], verdicts: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def measure(data_dir: Path | None = None, judge: str = "combined", *, sets: Sequence[str] = tuple(XSTEST_SETS)) -> dict[str, Any]:
+def _perplexity_scorer(spec: str):
+    """(prompts, responses) -> perplexity of each response under model ``spec`` (loaded once)."""
+    from crl.evaluation.capability import response_perplexity
+    from crl.models import load_model
+
+    model, tok = load_model(spec)
+    return lambda prompts, responses: response_perplexity(model, tok, prompts, responses, batch_size=8)
+
+
+def _percentiles(values: Sequence[float]) -> dict[str, float]:
+    import numpy as np
+
+    v = np.asarray([x for x in values if x == x], dtype=float)  # drop nan (empty completions)
+    if not v.size:
+        return {"n": 0}
+    p50, p90, p99 = np.percentile(v, [50, 90, 99])
+    return {"n": int(v.size), "p50": float(p50), "p90": float(p90), "p99": float(p99), "max": float(v.max())}
+
+
+def measure(data_dir: Path | None = None, judge: str = "combined", *, sets: Sequence[str] = tuple(XSTEST_SETS),
+            perplexity_model: str | None = None, max_perplexity: float | None = None) -> dict[str, Any]:
     data_dir = Path(data_dir) if data_dir else default_data_dir()
-    j = make_judge(judge)
-    result: dict[str, Any] = {"judge": judge, "data_dir": str(data_dir), "sets": {}}
+    scorer = _perplexity_scorer(perplexity_model) if perplexity_model else None
+    seen_ppl: list[float] = []
+
+    def recording_scorer(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        out = scorer(prompts, responses)
+        seen_ppl[:] = out
+        return out
+
+    j = make_judge(judge, recording_scorer if scorer else None, max_perplexity)
+    result: dict[str, Any] = {"judge": judge, "data_dir": str(data_dir), "perplexity_model": perplexity_model,
+                              "max_perplexity": getattr(getattr(j, "coherence", None), "max_perplexity", None), "sets": {}}
     for name in sets:
         rows = load_labelled(data_dir / XSTEST_SETS[name])
         t0 = time.perf_counter()
@@ -110,7 +146,9 @@ def measure(data_dir: Path | None = None, judge: str = "combined", *, sets: Sequ
             verdicts = [x.verdict for x in j.judge([r["prompt"] for r in rows], [r["completion"] for r in rows])]
         elapsed = time.perf_counter() - t0
         humans = [r["human"] for r in rows]
-        per = {"seconds": elapsed}
+        per: dict[str, Any] = {"seconds": elapsed}
+        if scorer is not None and j is not None:
+            per["perplexity"] = _percentiles(seen_ppl)
         for split, keep in (("all", lambda i: True), ("dev", lambda i: i % 2 == 0), ("heldout", lambda i: i % 2 == 1)):
             idx = [k for k, r in enumerate(rows) if keep(r["row"])]
             per[split] = agreement([humans[k] for k in idx], [verdicts[k] for k in idx])
@@ -142,6 +180,13 @@ def format_markdown(result: dict[str, Any]) -> str:
         lines.append("| --- | " + " | ".join("---:" for _ in cols) + " |")
         for h in ("compliance", "partial", "refusal"):
             lines.append(f"| {h} | " + " | ".join(str(m[h].get(c, 0)) for c in cols) + " |")
+    ppl = {name: per["perplexity"] for name, per in result["sets"].items() if per.get("perplexity", {}).get("n")}
+    if ppl:
+        lines += ["", f"Perplexity of the completions under {result['perplexity_model']} "
+                      f"(threshold {result['max_perplexity']:g}):", "",
+                  "| set | n | median | p90 | p99 | max |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for name, q in ppl.items():
+            lines.append(f"| {name} | {q['n']} | {q['p50']:.1f} | {q['p90']:.1f} | {q['p99']:.1f} | {q['max']:.1f} |")
     return "\n".join(lines)
 
 
@@ -151,6 +196,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--judge", choices=JUDGE_CHOICES, default="combined", help="judge to measure (default: combined)")
     parser.add_argument("--output", type=Path, default=None, help="write the full result (with the disagreements) as JSON")
     parser.add_argument("--show-errors", type=int, default=0, metavar="N", help="print N disagreements per set")
+    parser.add_argument("--perplexity-model", default=None, metavar="SPEC",
+                        help="also judge coherence by perplexity under this model (e.g. smollm2), as crl eval does")
+    parser.add_argument("--max-perplexity", type=float, default=None,
+                        help="perplexity threshold of the coherence judge (default: JudgeConfig.max_perplexity)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -159,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         print(f"judge-agreement: {data_dir} lacks {', '.join(missing)} (XSTest v2 labelled completions)", file=sys.stderr)
         return 2
-    result = measure(data_dir, args.judge)
+    result = measure(data_dir, args.judge, perplexity_model=args.perplexity_model, max_perplexity=args.max_perplexity)
     print(format_markdown(result))
     for name, per in result["sets"].items():
         for e in per["errors"][: args.show_errors]:

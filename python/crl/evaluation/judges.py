@@ -405,7 +405,7 @@ class CoherenceJudge:
 
     name = "coherence"
 
-    def __init__(self, perplexity_fn: PerplexityFn | None = None, *, max_perplexity: float = 1000.0,
+    def __init__(self, perplexity_fn: PerplexityFn | None = None, *, max_perplexity: float = 60.0,
                  thresholds: DegeneracyThresholds | None = None):
         self.perplexity_fn = perplexity_fn
         self.max_perplexity = max_perplexity
