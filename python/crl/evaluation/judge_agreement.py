@@ -130,6 +130,7 @@ def measure(data_dir: Path | None = None, judge: str = "combined", *, sets: Sequ
     seen_ppl: list[float] = []
 
     def recording_scorer(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        # The coherence judge scores a whole set in one call; keep that call's values for the report.
         out = scorer(prompts, responses)
         seen_ppl[:] = out
         return out
