@@ -66,7 +66,8 @@ def make_judge(name: str, perplexity_fn: Any = None, max_perplexity: float | Non
     from crl.evaluation import judges as J
     from crl.evaluation.config import JudgeConfig
 
-    coherence = J.CoherenceJudge(perplexity_fn, max_perplexity=max_perplexity or JudgeConfig.max_perplexity)
+    threshold = JudgeConfig.max_perplexity if max_perplexity is None else max_perplexity
+    coherence = J.CoherenceJudge(perplexity_fn, max_perplexity=threshold)
     if name == "combined":
         return J.CombinedJudge(coherence=coherence)
     if name == "combined_no_semantic":
@@ -127,29 +128,23 @@ def measure(data_dir: Path | None = None, judge: str = "combined", *, sets: Sequ
             perplexity_model: str | None = None, max_perplexity: float | None = None) -> dict[str, Any]:
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     scorer = _perplexity_scorer(perplexity_model) if perplexity_model else None
-    seen_ppl: list[float] = []
-
-    def recording_scorer(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        # The coherence judge scores a whole set in one call; keep that call's values for the report.
-        out = scorer(prompts, responses)
-        seen_ppl[:] = out
-        return out
-
-    j = make_judge(judge, recording_scorer if scorer else None, max_perplexity)
+    j = make_judge(judge, scorer, max_perplexity)
+    coherence = getattr(j, "coherence", None)  # only the combined judges check coherence
     result: dict[str, Any] = {"judge": judge, "data_dir": str(data_dir), "perplexity_model": perplexity_model,
-                              "max_perplexity": getattr(getattr(j, "coherence", None), "max_perplexity", None), "sets": {}}
+                              "max_perplexity": coherence.max_perplexity if coherence else None, "sets": {}}
     for name in sets:
         rows = load_labelled(data_dir / XSTEST_SETS[name])
         t0 = time.perf_counter()
         if j is None:
             verdicts = [xstest_string_match(r["completion"]) for r in rows]
         else:
-            verdicts = [x.verdict for x in j.judge([r["prompt"] for r in rows], [r["completion"] for r in rows])]
+            judgements = j.judge([r["prompt"] for r in rows], [r["completion"] for r in rows])
+            verdicts = [x.verdict for x in judgements]
         elapsed = time.perf_counter() - t0
         humans = [r["human"] for r in rows]
         per: dict[str, Any] = {"seconds": elapsed}
-        if scorer is not None and j is not None:
-            per["perplexity"] = _percentiles(seen_ppl)
+        if scorer is not None and coherence is not None:
+            per["perplexity"] = _percentiles([x.scores["perplexity"] for x in judgements])
         for split, keep in (("all", lambda i: True), ("dev", lambda i: i % 2 == 0), ("heldout", lambda i: i % 2 == 1)):
             idx = [k for k, r in enumerate(rows) if keep(r["row"])]
             per[split] = agreement([humans[k] for k in idx], [verdicts[k] for k in idx])
