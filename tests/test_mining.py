@@ -339,6 +339,8 @@ def test_mining_config_validation(tmp_path):
         load_train_config(tiny, ['mining.backend="annoy"'])
     with pytest.raises(ConfigError, match="refinement: layers"):
         load_train_config(tiny, ["refinement.layers=[3, 1]"])
+    with pytest.raises(ConfigError, match="refinement.persistence: expected one of 'universal', 'per_sample'"):
+        load_train_config(tiny, ['refinement.persistence="per_batch"'])
 
 
 def test_mining_step_bench_quick(tmp_path):

@@ -95,6 +95,34 @@ def test_state_persists_across_refreshes_and_round_trips(tiny_model, encoded):
     assert int(other.optimizers[1].state[other.perturbations[1].delta]["step"]) == 4
 
 
+def test_per_sample_attack_starts_fresh_every_call_and_stays_in_its_bound(tiny_model, encoded):
+    base, tokenizer = tiny_model
+    model = apply_lora(base, r=4, alpha=8, dropout=0.0, layers=[0, 1, 2, 3])
+    eps = 0.5
+    per_sample = _refiner(model, tokenizer, encoded, layers=[2, 2], eps=eps, steps=12, lr=0.3, refresh_every=5,
+                          persistence="per_sample")
+    ids = [0, 1]
+    clean = _clean_ce(model, tokenizer, encoded, ids)
+    first = per_sample.refine(model, ids, step=0, layers=[3])
+    # from zero: the first loss is the clean one; the attack lowered it and stayed inside the bound
+    assert first.metrics["attack_loss_start"] == pytest.approx(clean, rel=1e-4)
+    assert first.metrics["attack_loss"] < clean - 0.05
+    assert first.metrics["attack_rel_norm"] <= eps * (1 + 1e-4)
+    # attacked at every call (refresh_every does not apply), again from zero
+    second = per_sample.refine(model, ids, step=1, layers=[3])
+    assert second.metrics["attack_loss_start"] == pytest.approx(clean, rel=1e-4)
+    assert second.metrics["attack_loss"] == pytest.approx(first.metrics["attack_loss"], rel=1e-4)
+    # its attacked states differ from the clean ones; the universal state is untouched
+    with torch.no_grad():
+        batch = collate([encoded[i] for i in ids], tokenizer.pad_token_id)
+        from crl.models import capture_hidden_states
+
+        clean_states = capture_hidden_states(model, batch.input_ids, batch.attention_mask, [3])[3]
+    assert not torch.allclose(first.trained[3].detach(), clean_states, atol=1e-4)
+    assert float(per_sample.perturbations[2].delta.abs().max()) == 0.0
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_schedule_is_a_function_of_the_step(tiny_model, encoded):
     base, tokenizer = tiny_model
     refiner = _refiner(base, tokenizer, encoded, layers=[1, 3], refresh_every=3, probability=0.5)
@@ -145,18 +173,19 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
 
 
-def test_mining_and_refinement_train_and_resume_exactly(tmp_path, pools_dir):
+@pytest.mark.parametrize("persistence", ["universal", "per_sample"])
+def test_mining_and_refinement_train_and_resume_exactly(tmp_path, pools_dir, persistence):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _train_and_resume(tmp_path, pools_dir)
+        _train_and_resume(tmp_path, pools_dir, persistence)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_and_resume(tmp_path, pools_dir):
+def _train_and_resume(tmp_path, pools_dir, persistence):
     banks = tmp_path / "banks"
-    config = _config(pools_dir, banks)
+    config = _config(pools_dir, banks, **{"refinement.persistence": persistence})
     straight = _run(config, tmp_path / "straight")
     assert not straight.miner.bank.reused
     _run(config, tmp_path / "split", max_steps=2)

@@ -253,6 +253,12 @@ class RefinementConfig:
     """Chance that a micro-batch gets attacked anchors."""
     samples: int = 2
     """Samples attacked per micro-batch (the owners of the hardest negatives)."""
+    persistence: Literal["universal", "per_sample"] = "universal"
+    """`universal`: one [1, 1, d] perturbation per layer, kept across micro-batches and refined
+    `steps` Adam steps every `refresh_every` optimizer steps (cheap, a universal adversarial
+    perturbation). `per_sample`: a fresh per-token perturbation for each attacked sample, from zero,
+    `steps` Adam steps at every attacked micro-batch (the attack the evaluation runs; costs `steps`
+    forward and backward passes of `samples` sequences per micro-batch)."""
 
     def validate(self) -> None:
         require(len(self.layers) == 2 and 1 <= self.layers[0] <= self.layers[1], "layers",
@@ -263,6 +269,7 @@ class RefinementConfig:
         require(self.lr > 0, "lr", "a number > 0", self.lr)
         require(0.0 <= self.probability <= 1.0, "probability", "a number in [0, 1]", self.probability)
         require(self.samples >= 1, "samples", "an integer >= 1", self.samples)
+        require(self.persistence in ("universal", "per_sample"), "persistence", "universal or per_sample", self.persistence)
 
 
 @dataclass

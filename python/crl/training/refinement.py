@@ -16,6 +16,10 @@ SmolLM2 and 1000 samples of 96 tokens, 0.7 GB; for an 8B model 5 GB), and most o
 by the next visit. The universal delta is the attack that works for the harmful region as a whole,
 refined a few steps at a time as the defence moves (like a universal adversarial perturbation).
 Before it is applied to a new batch it is projected onto that batch's bound (in place).
+With ``persistence = "per_sample"`` each attacked micro-batch instead gets a fresh per-token delta
+([B, T, d], from zero, with its own Adam) and `steps` Adam steps: the attack the evaluation runs
+(`crl.attacks.latent.LatentAttack`), at `steps` extra forward and backward passes of the attacked
+samples per micro-batch; nothing of it persists, so the checkpoint holds only the universal state.
 
 Schedule: every `refresh_every` optimizer steps (at the first micro-batch of that step) the
 perturbation gets `steps` Adam steps; the attacked layer is drawn from `layers` once per refresh
@@ -151,12 +155,23 @@ class AdversarialRefiner:
         attn = batch.attention_mask
         prompt = attn.bool() & ~batch.response_mask
         layer = self.layer_at(step)
-        pert = self.perturbations[layer]
-        opt = self.optimizers[layer]
-        saved = pert.delta.detach().clone()
-        pert.resize_(batch.input_ids.shape[0], batch.input_ids.shape[1], mask=prompt, optimizer=opt)
-        with torch.no_grad():
-            pert.delta.copy_(saved)  # resize_ zeroes it; the universal delta persists
+        per_sample = cfg.persistence == "per_sample"
+        if per_sample:
+            # A fresh per-token delta for these samples, attacked from zero (nothing to persist).
+            from crl.models import hidden_size
+
+            pert = ResidualPerturbation(layer, batch.input_ids.shape[0], batch.input_ids.shape[1], hidden_size(model),
+                                        eps=cfg.eps, norm=cfg.norm, shape="token", mask=prompt, device=self.device)
+            opt = pert.make_optimizer(lr=1e-3)
+            attack_now = cfg.steps > 0
+        else:
+            pert = self.perturbations[layer]
+            opt = self.optimizers[layer]
+            saved = pert.delta.detach().clone()
+            pert.resize_(batch.input_ids.shape[0], batch.input_ids.shape[1], mask=prompt, optimizer=opt)
+            with torch.no_grad():
+                pert.delta.copy_(saved)  # resize_ zeroes it; the universal delta persists
+            attack_now = self.refresh_due(step) and cfg.steps > 0
         metrics: dict[str, float] = {"attack_layer": float(layer), "attack_samples": float(len(sample_ids))}
         was_training = model.training
         try:
@@ -165,7 +180,7 @@ class AdversarialRefiner:
                 clean = capture_hidden_states(model, batch.input_ids, attn, [layer])[layer].float()
             clean_norm = clean.norm(dim=-1)  # [B, T]
             pert.project_(clean_norm)
-            if self.refresh_due(step) and cfg.steps > 0:
+            if attack_now:
                 rms = float(clean_norm[prompt].mean()) / pert.hidden**0.5 if bool(prompt.any()) else 1.0
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * cfg.eps * rms
@@ -182,7 +197,8 @@ class AdversarialRefiner:
                         opt.step()
                         pert.delta.grad = None
                         pert.project_(clean_norm)
-                self.last_refresh_step = step
+                if not per_sample:
+                    self.last_refresh_step = step
                 metrics["attack_loss_start"] = losses[0]
                 metrics["attack_loss"] = losses[-1]
         finally:
