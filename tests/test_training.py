@@ -292,6 +292,9 @@ def test_ready_eval_config_loads() -> None:
     config = load_eval_config(REPO / "configs" / "eval-smollm2.toml")
     assert {a.kind for a in config.attacks} >= {"direct", "prefill", "embedding"}
     assert set(config.adapters) == {"crl", "circuit_breakers", "repbend"}
+    wide = load_eval_config(REPO / "configs" / "eval-smollm2-wide.toml")
+    assert {a.prompt_set for a in wide.attacks} == {"harmful", "advbench"}
+    assert {p.name: p.limit for p in wide.prompt_sets}["xstest_safe"] is None  # all 250 safe prompts
 
 
 def test_demo_runs_end_to_end_on_the_tiny_model_and_resumes(tmp_path: Path) -> None:
