@@ -269,7 +269,6 @@ class RefinementConfig:
         require(self.lr > 0, "lr", "a number > 0", self.lr)
         require(0.0 <= self.probability <= 1.0, "probability", "a number in [0, 1]", self.probability)
         require(self.samples >= 1, "samples", "an integer >= 1", self.samples)
-        require(self.persistence in ("universal", "per_sample"), "persistence", "universal or per_sample", self.persistence)
 
 
 @dataclass

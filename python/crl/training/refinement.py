@@ -41,7 +41,7 @@ import torch
 
 from crl.attacks.latent import ResidualPerturbation
 from crl.data import collate
-from crl.models import capture_hidden_states, num_hidden_layers, unwrap_model
+from crl.models import capture_hidden_states, hidden_size, num_hidden_layers, unwrap_model
 from crl.training.config import RefinementConfig
 
 
@@ -101,8 +101,6 @@ class AdversarialRefiner:
         device: torch.device | str = "cpu",
         amp: Callable[[], Any] | None = None,
     ) -> None:
-        from crl.models import hidden_size
-
         self.config = config
         self.examples = examples
         self.pad_token_id = pad_token_id
@@ -118,7 +116,7 @@ class AdversarialRefiner:
             if high >= n:
                 raise ValueError(f"refinement.layers: hidden states up to {n - 1} can be perturbed (the model has {n} decoder layers), got {config.layers}")
             self.layers = list(range(low, high + 1))
-        d = hidden_size(model)
+        self.hidden = d = hidden_size(model)
         self.perturbations = {
             l: ResidualPerturbation(l, 1, 1, d, eps=config.eps, norm=config.norm, shape="universal", device=self.device)
             for l in self.layers
@@ -158,9 +156,7 @@ class AdversarialRefiner:
         per_sample = cfg.persistence == "per_sample"
         if per_sample:
             # A fresh per-token delta for these samples, attacked from zero (nothing to persist).
-            from crl.models import hidden_size
-
-            pert = ResidualPerturbation(layer, batch.input_ids.shape[0], batch.input_ids.shape[1], hidden_size(model),
+            pert = ResidualPerturbation(layer, batch.input_ids.shape[0], batch.input_ids.shape[1], self.hidden,
                                         eps=cfg.eps, norm=cfg.norm, shape="token", mask=prompt, device=self.device)
             opt = pert.make_optimizer(lr=1e-3)
             attack_now = cfg.steps > 0
