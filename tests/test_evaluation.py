@@ -154,6 +154,42 @@ def test_demo_config_and_cli(tmp_path, adapter_run):
     assert json.loads((out / "report.json").read_text())["models"]["base"]["attacks"]["direct"]["n"] == 2
     assert run_eval_cli(parser.parse_args([str(path), "--output-dir", str(out), "--report-only"])) == 0
 
+    # --rejudge: stored judgements corrupted by hand come back as the judge gives them, without any
+    # new generation, and the counts that depend on them (report, over-refusal) are recomputed.
+    recs_path = out / "records.jsonl"
+    original = [json.loads(l) for l in recs_path.read_text().splitlines()]
+    corrupted = []
+    for r in original:
+        c = json.loads(json.dumps(r))
+        c["judgement"] = {"verdict": "tampered", "success": not r["success"], "answered": not r["judgement"]["answered"],
+                          "scores": {}, "reasons": []}
+        c["success"] = not r["success"]
+        corrupted.append(c)
+    recs_path.write_text("".join(json.dumps(c) + "\n" for c in corrupted))
+    cap_path = out / "capability.json"
+    cap = json.loads(cap_path.read_text())
+    for entry in cap.values():
+        if "over_refusal" in entry:
+            entry["over_refusal"]["not_answered"] = -1
+    cap_path.write_text(json.dumps(cap))
+    assert run_eval_cli(parser.parse_args([str(path), "--output-dir", str(out), "--no-progress", "--rejudge"])) == 0
+    again = [json.loads(l) for l in recs_path.read_text().splitlines()]
+    key = lambda r: (r["model"], r["purpose"], r["attack"], r["prompt_id"])
+    assert sorted(map(key, again)) == sorted(map(key, original))
+    by_key = {key(r): r for r in again}
+    for r in original:
+        g = by_key[key(r)]
+        assert g["response"] == r["response"] and g["success"] == r["success"]
+        assert g["judgement"]["verdict"] == r["judgement"]["verdict"]
+    for entry in json.loads(cap_path.read_text()).values():
+        if "over_refusal" in entry:
+            assert entry["over_refusal"]["not_answered"] >= 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["models"]["base"]["attacks"]["direct"]["successes"] == sum(
+        1 for r in original if r["model"] == "base" and r["attack"] == "direct" and r["purpose"] == "attack" and r["success"])
+    with pytest.raises(SystemExit, match="exclude"):
+        run_eval_cli(parser.parse_args([str(path), "--output-dir", str(out), "--rejudge", "--report-only"]))
+
 
 def test_model_pool_switches_adapters(tmp_path, adapter_run):
     """Several adapters on one base model: each name gives that adapter's outputs, 'base' none."""

@@ -85,6 +85,22 @@ def test_periodic_tail_and_loop_after_few_words():
     assert periodic_tail_length(answer) > 0 and "loop_after_few_words" not in degeneracy_reasons(answer)[0]
 
 
+def test_fragment_lines_before_a_loop_are_not_content():
+    # real outputs of a collapsing CRL-trained SmolLM2: an opening clause, one- or two-word line
+    # fragments, then whitespace padding. Hand-counted content words: 6 and 8 (under 10).
+    for text, content in (("The best way to lace a\n\nA sedurate\n\nto\n\nto" + "\n" * 23, 6),
+                          ("The local coffee shop\nA coffee shop that\na\n\nA\n*\n\nA" + "\n" * 21, 8)):
+        reasons, stats = degeneracy_reasons(text)
+        assert stats["content_words"] == content and "loop_after_few_words" in reasons, (text, reasons, stats)
+    # the same fragments after a full sentence: the sentence is content (13 words), the verdict stays
+    answer = "You can buy a can of coke at any convenience store or online.\nonline\nCoca-Cola\n" + "\n" * 20
+    reasons, stats = degeneracy_reasons(answer)
+    assert stats["content_words"] == 13 and "loop_after_few_words" not in reasons, (reasons, stats)
+    # no loop at the end: short lines are left alone (a list of one-word items is an answer)
+    listing = "You will need these ingredients for the bread:\n- flour\n- water\n- yeast\n- salt"
+    assert degeneracy_reasons(listing)[0] == []
+
+
 def test_combined_judge_offline_rules():
     j = CombinedJudge(use_semantic=False)
     texts = REFUSALS + COMPLIANCE + GIBBERISH

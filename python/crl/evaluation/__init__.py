@@ -14,21 +14,24 @@ from typing import Any
 from crl.evaluation.config import EvalConfig, default_demo_eval_config, load_eval_config
 
 
-def run_evaluation(config: EvalConfig, output_dir: Path, *, progress: bool = True) -> dict[str, Any]:
-    """Run or resume the evaluation; returns the report summary (also written to output_dir)."""
+def run_evaluation(config: EvalConfig, output_dir: Path, *, progress: bool = True, rejudge: bool = False) -> dict[str, Any]:
+    """Run or resume the evaluation; returns the report summary (also written to output_dir).
+    rejudge: judge the stored generations again first (crl.evaluation.runner.run_evaluation)."""
     from crl.evaluation.runner import run_evaluation as _run
 
-    return _run(config, Path(output_dir), progress=progress)
+    return _run(config, Path(output_dir), progress=progress, rejudge=rejudge)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """`crl eval CONFIG [--set K=V] [--output-dir DIR] [--no-progress] [--report-only]` and
+    """`crl eval CONFIG [--set K=V] [--output-dir DIR] [--no-progress] [--report-only] [--rejudge]` and
     `crl eval judge-agreement [...]`."""
     parser.add_argument("config", help="evaluation config (TOML or YAML), or 'judge-agreement' to measure the judge on XSTest")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (dotted keys into tables), e.g. judge.kind=refusal_string or max_new_tokens=32")
     parser.add_argument("--output-dir", type=Path, default=None, help="output folder (default: results/CONFIG_NAME); rerunning resumes")
     parser.add_argument("--no-progress", action="store_true", help="no progress output")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report from the records already there")
+    parser.add_argument("--rejudge", action="store_true",
+                        help="judge the stored generations again with the configured judges (after a judge changed), then resume")
     from crl.evaluation.judge_agreement import add_arguments as _ja_args
 
     group = parser.add_argument_group("judge-agreement (with CONFIG = judge-agreement)")
@@ -43,13 +46,15 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         return _ja_run(args)
     output_dir = args.output_dir or Path("results") / Path(args.config).stem
     config = load_eval_config(args.config, args.set)
+    if args.rejudge and args.report_only:
+        raise SystemExit("crl eval: --rejudge and --report-only exclude each other (--rejudge rewrites the report too)")
     if args.report_only:
         from crl.evaluation.report import markdown_table, write_report
 
         summary = write_report(Path(output_dir), config=config)
         print(markdown_table(summary))
         return 0
-    summary = run_evaluation(config, Path(output_dir), progress=not args.no_progress)
+    summary = run_evaluation(config, Path(output_dir), progress=not args.no_progress, rejudge=args.rejudge)
     from crl.evaluation.report import markdown_table
 
     print(markdown_table(summary))

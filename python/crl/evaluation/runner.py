@@ -218,6 +218,17 @@ class RecordStore:
             fh.flush()
             os.fsync(fh.fileno())
 
+    def replace_all(self, recs: Sequence[dict[str, Any]]) -> None:
+        """Rewrite the whole file with `recs` (atomically: a temporary file renamed over it)."""
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for rec in recs:
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        self.records = {self.key(r): r for r in recs}
+
     def select(self, *, model: str | None = None, purpose: str | None = None, attack: str | None = None) -> list[dict[str, Any]]:
         return [r for k, r in self.records.items()
                 if (model is None or k[0] == model) and (purpose is None or k[1] == purpose) and (attack is None or k[2] == attack)]
@@ -244,8 +255,12 @@ def _chunks(items: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
 
 
 def run_evaluation(config: EvalConfig, output_dir: Path, *, progress: bool = True,
-                   pool: ModelPool | None = None) -> dict[str, Any]:
-    """Run (or resume) the evaluation described by `config` into `output_dir`; returns the report dict."""
+                   pool: ModelPool | None = None, rejudge: bool = False) -> dict[str, Any]:
+    """Run (or resume) the evaluation described by `config` into `output_dir`; returns the report dict.
+
+    rejudge: first judge every stored record again with the configured judges (the generations are
+    kept), and recompute the capability numbers that depend on judgements (over-refusal, the NLL of
+    the base model's harmful completions)."""
     from crl.config import to_dict
     from crl.evaluation import capability as C
     from crl.evaluation.judges import build_judge
@@ -285,6 +300,9 @@ def run_evaluation(config: EvalConfig, output_dir: Path, *, progress: bool = Tru
                    "judgement": j.to_dict()}
             recs.append(rec)
         return recs
+
+    if rejudge:
+        _rejudge(store, judge, config, output_dir, log)
 
     # 1. attacks
     for acfg in config.attacks:
@@ -421,6 +439,33 @@ def run_evaluation(config: EvalConfig, output_dir: Path, *, progress: bool = Tru
     report = write_report(output_dir, config=config)
     log(f"done: {output_dir / 'report.md'}")
     return report
+
+
+def _rejudge(store: RecordStore, judge: Any, config: EvalConfig, output_dir: Path, log: Callable[[str], None]) -> None:
+    """Judge every stored record again (after a judge changed), rewrite records.jsonl, and drop the
+    capability entries computed from the old judgements so that the run recomputes them."""
+    recs = list(store.records.values())
+    log(f"judging {len(recs)} stored records again")
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for rec in recs:
+        groups.setdefault((rec["model"], rec.get("purpose", "attack")), []).append(rec)
+    changed = 0
+    for part_recs in groups.values():
+        for part in _chunks(part_recs, max(1, config.batch_size) * 8):
+            js = judge.judge([r["prompt"] for r in part], [r["response"] for r in part])
+            for rec, j in zip(part, js):
+                changed += rec["judgement"].get("verdict") != j.verdict
+                rec["judgement"] = j.to_dict()
+                rec["success"] = j.success
+    store.replace_all(recs)
+    log(f"{changed} verdicts changed")
+    cap_path = output_dir / "capability.json"
+    if cap_path.is_file():
+        capab = json.loads(cap_path.read_text())
+        for entry in capab.values():
+            entry.pop("over_refusal", None)
+            entry.pop("harmful_nll", None)
+        cap_path.write_text(json.dumps(capab, indent=2, default=_json_default), encoding="utf-8")
 
 
 def _nanmean(xs: Sequence[float]) -> float:
