@@ -1,4 +1,4 @@
-"""The `crl` command line: train, merge, data build, demo, eval and bench."""
+"""The `crl` command line: train, merge, data build, demo, eval, probe-layers and bench."""
 
 from __future__ import annotations
 
@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_arguments(p)
     p.set_defaults(func=run_eval_cli)
+
+    p = sub.add_parser("probe-layers", help="per-layer linear probe of the base model: which layers separate harmful from harmful-sounding safe prompts")
+    from crl.evaluation import layer_probe
+
+    layer_probe.add_arguments(p)
+    p.set_defaults(func=layer_probe.run)
 
     p = sub.add_parser("bench", help="benchmarks")
     p.add_argument("what", choices=["mining"], help="which benchmark")
