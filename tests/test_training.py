@@ -76,6 +76,20 @@ def test_refuses_to_overwrite_a_run_without_resume(tmp_path: Path, pools_dir: Pa
         run(config, tmp_path)
 
 
+def test_resume_refuses_another_config(tmp_path: Path, pools_dir: Path) -> None:
+    """Checkpoints continue only the run that wrote them: other target layers (other LoRA layers,
+    another optimiser state) are an error naming the key; display-only settings may change."""
+    config = tiny_config(pools_dir)
+    run(config, tmp_path, max_steps=3)
+    other = tiny_config(pools_dir, **{"loss.target_layers": [1]})
+    with pytest.raises(ConfigError, match=r"loss\.target_layers: \[.*\] there, \[1\] here"):
+        run(other, tmp_path, resume=True)
+    with pytest.raises(ConfigError, match="optim.lr"):
+        run(tiny_config(pools_dir, **{"optim.lr": 0.5}), tmp_path, resume=True)
+    trainer = run(tiny_config(pools_dir, **{"run.progress": False, "run.keep_checkpoints": 3}), tmp_path, resume=True)
+    assert trainer.step == 6
+
+
 def test_crl_lowers_its_loss(tmp_path: Path, pools_dir: Path) -> None:
     config = tiny_config(pools_dir, **{"optim.max_steps": 24, "optim.lr": 5e-3, "run.checkpoint_every": 24})
     run(config, tmp_path)

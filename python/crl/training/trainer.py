@@ -217,6 +217,18 @@ class Trainer:
                 f"{self.output_dir}: holds checkpoints of an earlier run; pass --resume to continue it "
                 "or choose another --output-dir"
             )
+        saved_path = self.output_dir / "config.json"
+        if has_ckpt and saved_path.is_file():
+            # Checkpoints only continue the run that wrote them: another config (target layers,
+            # LoRA layers, schedule, data) would load into a different model or optimiser, or
+            # silently change the run half-way.
+            diffs = config_differences(json.loads(saved_path.read_text(encoding="utf-8")), self.config.to_dict())
+            if diffs:
+                shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+                raise ConfigError(
+                    f"{self.output_dir}: its checkpoints were written under another config ({shown}); "
+                    "resume with the config it was started with, or choose another --output-dir"
+                )
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.output_dir / "config.json", self.config.to_dict())
@@ -503,6 +515,30 @@ def shutdown_distributed() -> None:
 
     if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.destroy_process_group()  # no barrier: after a failure the other ranks may be gone
+
+
+#: Config keys that may change between a run and its resumption: they do not touch the training state.
+RESUMABLE_CHANGES = frozenset({"run.progress", "run.checkpoint_every", "run.keep_checkpoints"})
+
+
+def config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    """The dotted keys where two resolved configs (`TrainConfig.to_dict()`) differ, as
+    "key: SAVED there, CURRENT here", except RESUMABLE_CHANGES."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out: list[str] = []
+        for key in sorted(set(saved) | set(current)):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if name in RESUMABLE_CHANGES:
+                continue
+            if key not in saved or key not in current:
+                out.append(f"{name}: {'absent' if key not in saved else json.dumps(saved[key])} there, "
+                           f"{'absent' if key not in current else json.dumps(current[key])} here")
+                continue
+            out.extend(config_differences(saved[key], current[key], name))
+        return out
+    if saved != current:
+        return [f"{prefix}: {json.dumps(saved)} there, {json.dumps(current)} here"]
+    return []
 
 
 def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, max_steps: int | None = None) -> TrainResult:
