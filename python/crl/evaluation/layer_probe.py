@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     result["model"] = args.model
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "layer_probe.json").write_text(json.dumps(result, indent=2, default=lambda o: None if isinstance(o, float) and not math.isfinite(o) else o))
+    (out / "layer_probe.json").write_text(json.dumps(result, indent=2))
     table = markdown(result)
     (out / "layer_probe.md").write_text("# Linear probe per layer\n\n" + table + "\n\n![layer_probe.png](layer_probe.png)\n")
     _plot(result, out / "layer_probe.png")

@@ -220,13 +220,9 @@ class RecordStore:
 
     def replace_all(self, recs: Sequence[dict[str, Any]]) -> None:
         """Rewrite the whole file with `recs` (atomically: a temporary file renamed over it)."""
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for rec in recs:
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        from crl.training.checkpoint import atomic_write_text
+
+        atomic_write_text(self.path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in recs))
         self.records = {self.key(r): r for r in recs}
 
     def select(self, *, model: str | None = None, purpose: str | None = None, attack: str | None = None) -> list[dict[str, Any]]:
