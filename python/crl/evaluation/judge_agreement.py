@@ -83,11 +83,88 @@ def make_judge(name: str, perplexity_fn: Any = None, max_perplexity: float | Non
     raise ValueError(f"unknown judge {name!r}; expected one of {', '.join(JUDGE_CHOICES)}")
 
 
+#: Labels of a labelled-generations file (`load_labelled_generations`) and the verdict each stands for.
+GENERATION_LABELS = {"complies": "compliance", "refuses": "refusal", "incoherent": "incoherent"}
+
+
+def load_labelled_generations(path: Path) -> list[dict[str, Any]]:
+    """A JSONL file of labelled generations (data/judge_labels/): one object per line with `request`,
+    `response`, `label` (complies | refuses | incoherent), optionally `prefilled_start` (the forced
+    start of the assistant turn, which the response continues), `model`, and `base_perplexity` (the
+    response's perplexity under the base model, as `crl eval` recorded it)."""
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}, line {line_no}: not valid JSON ({exc.msg})") from None
+            for key in ("request", "response", "label"):
+                if not isinstance(obj.get(key), str):
+                    raise ValueError(f"{path}, line {line_no}: field {key!r} must be a string, got {obj.get(key)!r}")
+            if obj["label"] not in GENERATION_LABELS:
+                raise ValueError(f"{path}, line {line_no}: field 'label' must be one of "
+                                 f"{', '.join(GENERATION_LABELS)}, got {obj['label']!r}")
+            ppl = obj.get("base_perplexity")
+            rows.append({"row": line_no, "prompt": obj["request"], "completion": obj["response"],
+                         "model": str(obj.get("model", "")), "human": GENERATION_LABELS[obj["label"]],
+                         "base_perplexity": float(ppl) if isinstance(ppl, (int, float)) else float("nan")})
+    if not rows:
+        raise ValueError(f"{path}: no labelled generations")
+    return rows
+
+
+def measure_generations(path: Path, judge: str = "combined", *, perplexity_model: str | None = None,
+                        max_perplexity: float | None = None) -> dict[str, Any]:
+    """Agreement of a judge with a labelled-generations file, overall and split into the undefended
+    model (`model == "base"`) and the defended ones. Without `perplexity_model`, the coherence judge
+    uses each row's recorded `base_perplexity` (no model is loaded)."""
+    rows = load_labelled_generations(Path(path))
+    if perplexity_model:
+        scorer = _perplexity_scorer(perplexity_model)
+    else:
+        recorded = {(r["prompt"], r["completion"]): r["base_perplexity"] for r in rows}
+        scorer = lambda prompts, responses: [recorded.get((p, c), float("nan")) for p, c in zip(prompts, responses)]
+    j = make_judge(judge, scorer, max_perplexity)
+    if j is None:
+        verdicts = [xstest_string_match(r["completion"]) for r in rows]
+    else:
+        verdicts = [x.verdict for x in j.judge([r["prompt"] for r in rows], [r["completion"] for r in rows])]
+    humans = [r["human"] for r in rows]
+    result: dict[str, Any] = {"judge": judge, "file": str(path), "perplexity_model": perplexity_model or "recorded"}
+    for split, keep in (("all", lambda r: True), ("base", lambda r: r["model"] == "base"),
+                        ("defended", lambda r: r["model"] != "base")):
+        idx = [k for k, r in enumerate(rows) if keep(r)]
+        if idx:
+            result[split] = agreement([humans[k] for k in idx], [verdicts[k] for k in idx])
+            result[split]["labelled_compliance"] = sum(humans[k] == "compliance" for k in idx)
+            result[split]["judged_compliance"] = sum(verdicts[k] == "compliance" for k in idx)
+    result["errors"] = [
+        {"row": r["row"], "model": r["model"], "prompt": r["prompt"], "label": h, "verdict": v, "response": r["completion"][:300]}
+        for r, h, v in zip(rows, humans, verdicts) if (h == "compliance") != (v == "compliance")
+    ]
+    return result
+
+
+def format_generations_markdown(result: dict[str, Any]) -> str:
+    lines = [f"Judge `{result['judge']}` against the labels of {result['file']} (binary: complies vs not).", "",
+             "| rows | n | labelled complies | judged compliance | binary accuracy | compliance precision | compliance recall |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for split in ("base", "defended", "all"):
+        if split in result:
+            a = result[split]
+            lines.append(f"| {split} | {a['n']} | {a['labelled_compliance']} | {a['judged_compliance']} | "
+                         f"{a['binary_accuracy']:.3f} | {a['compliance_precision']:.3f} | {a['compliance_recall']:.3f} |")
+    return "\n".join(lines)
+
+
 def agreement(humans: Sequence[str], verdicts: Sequence[str]) -> dict[str, Any]:
     """Binary and three-way agreement and the confusion matrix (rows: human label; columns: verdict)."""
     n = len(humans)
     cols = ["compliance", "partial", "refusal", "incoherent", "off_topic"]
-    matrix = {h: {c: 0 for c in cols} for h in ("compliance", "partial", "refusal")}
+    matrix = {h: {c: 0 for c in cols} for h in ("compliance", "partial", "refusal", *sorted(set(humans) - {"compliance", "partial", "refusal"}))}
     for h, v in zip(humans, verdicts):
         matrix[h][v] = matrix[h].get(v, 0) + 1
     binary = sum((h == "compliance") == (v == "compliance") for h, v in zip(humans, verdicts))
@@ -196,19 +273,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also judge coherence by perplexity under this model (e.g. smollm2), as crl eval does")
     parser.add_argument("--max-perplexity", type=float, default=None,
                         help="perplexity threshold of the coherence judge (default: JudgeConfig.max_perplexity)")
+    parser.add_argument("--labelled", type=Path, action="append", default=[], metavar="FILE",
+                        help="also measure agreement with a JSONL file of labelled generations (e.g. "
+                             "data/judge_labels/smollm2_defended_dev.jsonl); may be repeated")
+    parser.add_argument("--skip-xstest", action="store_true", help="only the --labelled files")
 
 
 def run(args: argparse.Namespace) -> int:
-    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
-    missing = [f for f in XSTEST_SETS.values() if not (data_dir / f).is_file()]
-    if missing:
-        print(f"judge-agreement: {data_dir} lacks {', '.join(missing)} (XSTest v2 labelled completions)", file=sys.stderr)
-        return 2
-    result = measure(data_dir, args.judge, perplexity_model=args.perplexity_model, max_perplexity=args.max_perplexity)
-    print(format_markdown(result))
-    for name, per in result["sets"].items():
-        for e in per["errors"][: args.show_errors]:
-            print(f"\n[{name} row {e['row']} {e['type']}] human={e['human']} judge={e['verdict']}\n  Q: {e['prompt']}\n  A: {e['completion']!r}")
+    for path in args.labelled:
+        if not path.is_file():
+            print(f"judge-agreement: --labelled {path}: no such file", file=sys.stderr)
+            return 2
+    result: dict[str, Any] = {}
+    if not args.skip_xstest:
+        data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+        missing = [f for f in XSTEST_SETS.values() if not (data_dir / f).is_file()]
+        if missing:
+            print(f"judge-agreement: {data_dir} lacks {', '.join(missing)} (XSTest v2 labelled completions)", file=sys.stderr)
+            return 2
+        result = measure(data_dir, args.judge, perplexity_model=args.perplexity_model, max_perplexity=args.max_perplexity)
+        print(format_markdown(result))
+        for name, per in result["sets"].items():
+            for e in per["errors"][: args.show_errors]:
+                print(f"\n[{name} row {e['row']} {e['type']}] human={e['human']} judge={e['verdict']}\n  Q: {e['prompt']}\n  A: {e['completion']!r}")
+    if args.labelled:
+        result["labelled"] = {}
+        for path in args.labelled:
+            try:
+                per = measure_generations(path, args.judge, perplexity_model=args.perplexity_model,
+                                          max_perplexity=args.max_perplexity)
+            except ValueError as exc:
+                print(f"judge-agreement: {exc}", file=sys.stderr)
+                return 2
+            result["labelled"][str(path)] = per
+            print("\n" + format_generations_markdown(per))
+            for e in per["errors"][: args.show_errors]:
+                print(f"\n[{path.name} row {e['row']} {e['model']}] label={e['label']} judge={e['verdict']}\n  Q: {e['prompt']}\n  A: {e['response']!r}")
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(result, indent=2), encoding="utf-8")
