@@ -189,6 +189,16 @@ def test_demo_config_and_cli(tmp_path, adapter_run):
         1 for r in original if r["model"] == "base" and r["attack"] == "direct" and r["purpose"] == "attack" and r["success"])
     with pytest.raises(SystemExit, match="exclude"):
         run_eval_cli(parser.parse_args([str(path), "--output-dir", str(out), "--rejudge", "--report-only"]))
+    # --rejudge reuses a recorded perplexity (it depends only on the base model and the text): one
+    # planted far above the threshold makes that answer incoherent; the others are recomputed or kept.
+    planted = [json.loads(l) for l in recs_path.read_text().splitlines()]
+    target = next(r for r in planted if r["purpose"] == "attack" and r["judgement"]["scores"].get("perplexity") is not None)
+    target["judgement"]["scores"]["perplexity"] = 1e9
+    recs_path.write_text("".join(json.dumps(r) + "\n" for r in planted))
+    assert run_eval_cli(parser.parse_args([str(path), "--output-dir", str(out), "--no-progress", "--rejudge"])) == 0
+    after = {key(r): r for r in map(json.loads, recs_path.read_text().splitlines())}
+    assert after[key(target)]["judgement"]["verdict"] == "incoherent"
+    assert "high_perplexity" in after[key(target)]["judgement"]["reasons"]
 
 
 def test_model_pool_switches_adapters(tmp_path, adapter_run):

@@ -281,9 +281,20 @@ def run_evaluation(config: EvalConfig, output_dir: Path, *, progress: bool = Tru
     sets = {s.name: (s, load_prompt_set(s)) for s in config.prompt_sets}
     store = RecordStore(output_dir / "records.jsonl")
 
+    # Perplexities under the base model already recorded for (prompt, response): they depend only on
+    # the base model and the text, so --rejudge reuses them instead of running the model again.
+    recorded_ppl: dict[tuple[str, str], float] = {}
+
     def base_ppl(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        with pool.use("base") as m:
-            return C.response_perplexity(m, tok, prompts, responses, batch_size=config.batch_size, system_prompt=config.system_prompt)
+        out: list[float | None] = [recorded_ppl.get((p, r)) for p, r in zip(prompts, responses)]
+        todo = [i for i, v in enumerate(out) if v is None]
+        if todo:
+            with pool.use("base") as m:
+                fresh = C.response_perplexity(m, tok, [prompts[i] for i in todo], [responses[i] for i in todo],
+                                              batch_size=config.batch_size, system_prompt=config.system_prompt)
+            for i, v in zip(todo, fresh):
+                out[i] = v
+        return [float(v) for v in out]
 
     judge = build_judge(config.judge, perplexity_fn=base_ppl)
 
@@ -298,6 +309,10 @@ def run_evaluation(config: EvalConfig, output_dir: Path, *, progress: bool = Tru
         return recs
 
     if rejudge:
+        for rec in store.records.values():
+            ppl = rec.get("judgement", {}).get("scores", {}).get("perplexity")
+            if isinstance(ppl, (int, float)) and math.isfinite(ppl):
+                recorded_ppl[(rec["prompt"], rec["response"])] = float(ppl)
         _rejudge(store, judge, config, output_dir, log)
 
     # 1. attacks
