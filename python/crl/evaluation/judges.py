@@ -392,7 +392,7 @@ def repeated_ngram_fraction(words: Sequence[str], n: int, ignore: set | frozense
 
 def top_content_word_count(words: Sequence[str], ignore: set | frozenset = frozenset()) -> int:
     """How often the most frequent content word occurs ("a network that can make a network of a network
-    that can be a network": 4 in 13 words). Real answers rarely repeat one word more than 4-5 times in
+    that can be a network": 4 in 15 words). Real answers rarely repeat one word more than 4-5 times in
     their first 40 words (XSTest's 900 labelled completions: at most 5)."""
     counts: dict[str, int] = {}
     for w in words:
