@@ -323,14 +323,7 @@ def degeneracy_stats(text: str, prompt: str = "") -> dict[str, float]:
         "compression_ratio": (len(zlib.compress(raw, 9)) / len(raw)) if raw else 1.0,
         "alpha_ratio": (sum(c.isalpha() for c in nonspace) / len(nonspace)) if nonspace else 0.0,
     }
-    grams = [tuple(words[i : i + 4]) for i in range(max(0, len(words) - 3))]
-    seen: set = set()
-    rep = 0
-    for g in grams:
-        if g in seen:
-            rep += 1
-        seen.add(g)
-    stats["repeated_4gram_fraction"] = rep / len(grams) if grams else 0.0
+    stats["repeated_4gram_fraction"] = repeated_ngram_fraction(words, 4)
     run = best = 0
     prev = None
     for w in words:
