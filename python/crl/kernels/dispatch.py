@@ -1,7 +1,8 @@
 """Backend selection for the triplet loss: the fused Triton kernel or the torch reference.
 
 CRL_TRIPLET_BACKEND (read at every call) or the `backend` argument:
-- ``auto`` (default): Triton for CUDA tensors when triton imports, the torch reference otherwise;
+- ``auto`` (default): Triton for CUDA tensors when triton imports, the torch reference otherwise
+  (and for more than `MAX_KERNEL_K` negatives per row, or weights that require a gradient);
 - ``triton``: always the kernel (CPU tensors run in Triton's interpreter: slow, for tests);
 - ``torch``: always the reference.
 """
@@ -13,6 +14,7 @@ import os
 
 import torch
 
+from crl.kernels.launch_config import MAX_KERNEL_K
 from crl.losses.triplet import TripletOutput, triplet_loss_reference
 
 BACKENDS = ("auto", "triton", "torch")
@@ -56,22 +58,28 @@ def triplet_loss(
     margin: float = 1.0,
     mix_weight: float = 1.0,
     reduction: str = "mean",
+    check_indices: bool = True,
     backend: str | None = None,
 ) -> TripletOutput:
     """Row-wise triplet loss; arguments and result as in `crl.losses.triplet.triplet_loss_reference`.
 
     `backend` (optional) overrides CRL_TRIPLET_BACKEND. With ``auto``, weights that require grad go
-    to the reference (the kernel treats weights as constants).
+    to the reference (the kernel treats weights as constants), and so do more than MAX_KERNEL_K
+    negatives per row. `check_indices=False` skips the indices' range check (a device sync), for
+    callers that build the indices themselves.
     """
     kwargs = dict(
         positive_index=positive_index, negative_index=negative_index, weights=weights,
         distance_positive=distance_positive, distance_negative=distance_negative,
-        margin=margin, mix_weight=mix_weight, reduction=reduction,
+        margin=margin, mix_weight=mix_weight, reduction=reduction, check_indices=check_indices,
     )
     chosen = resolve_backend(anchors, backend)
     explicit = (backend or os.environ.get(ENV_VAR) or "auto").strip().lower() == "triton"
-    if chosen == "triton" and not explicit and weights is not None and weights.requires_grad and torch.is_grad_enabled():
-        chosen = "torch"
+    if chosen == "triton" and not explicit:
+        grad_weights = weights is not None and weights.requires_grad and torch.is_grad_enabled()
+        many_negatives = negatives.dim() == 3 and negatives.shape[1] > MAX_KERNEL_K
+        if grad_weights or many_negatives:
+            chosen = "torch"
     if chosen == "torch":
         return triplet_loss_reference(anchors, positives, negatives, **kwargs)  # type: ignore[arg-type]
     from crl.kernels.triplet import triplet_loss_triton

@@ -19,6 +19,7 @@ user whether the margin still bites (with the reference code's margins it never 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,15 +42,23 @@ class TripletOutput:
     """Scalar, weighted mean anchor-negative distance over all k negatives (no grad)."""
 
 
-def _check_index(index: torch.Tensor | None, rows: int, size: int, name: str, source: str) -> None:
+DEBUG_CHECKS_ENV = "CRL_DEBUG_CHECKS"
+"""Set to 1 to range-check every index, also where the caller built it (the training step)."""
+
+
+def _check_index(index: torch.Tensor | None, rows: int, size: int, name: str, source: str, check_range: bool) -> None:
     if index is None:
         return
     if index.dim() != 1 or index.shape[0] != rows:
         raise ValueError(f"{name}: expected shape [{rows}] (one entry per anchor row), got {list(index.shape)}")
     if index.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name}: expected an int32/int64 tensor, got {index.dtype}")
-    if rows and (int(index.min()) < 0 or int(index.max()) >= size):
-        raise ValueError(f"{name}: values must lie in [0, {size}) (the first dim of {source})")
+    # Reading min and max waits for the device: callers that build their indices (the training
+    # step) skip it, unless CRL_DEBUG_CHECKS=1.
+    if (check_range or os.environ.get(DEBUG_CHECKS_ENV) == "1") and rows:
+        low, high = torch.aminmax(index)
+        if int(low) < 0 or int(high) >= size:
+            raise ValueError(f"{name}: values must lie in [0, {size}) (the first dim of {source})")
 
 
 def resolve_triplet_shapes(
@@ -62,8 +71,12 @@ def resolve_triplet_shapes(
     distance_positive: str,
     distance_negative: str,
     reduction: str,
+    *,
+    check_indices: bool = True,
 ) -> int:
-    """Validate the arguments shared by the reference and the kernel; returns k (negatives per row)."""
+    """Validate the arguments shared by the reference and the kernel; returns k (negatives per row).
+
+    `check_indices`: also check that every index lies in range (a device sync on a GPU)."""
     if anchors.dim() != 2:
         raise ValueError(f"anchors: expected [rows, d], got shape {list(anchors.shape)}")
     rows, d = anchors.shape
@@ -71,7 +84,7 @@ def resolve_triplet_shapes(
         raise ValueError(f"positives: expected [rows or P, {d}], got shape {list(positives.shape)}")
     if positive_index is None and positives.shape[0] != rows:
         raise ValueError(f"positives: expected {rows} rows (or pass positive_index), got {positives.shape[0]}")
-    _check_index(positive_index, rows, positives.shape[0], "positive_index", "positives")
+    _check_index(positive_index, rows, positives.shape[0], "positive_index", "positives", check_indices)
     if negatives.dim() == 2:
         if negatives.shape[1] != d:
             raise ValueError(f"negatives: expected [..., {d}], got shape {list(negatives.shape)}")
@@ -85,7 +98,7 @@ def resolve_triplet_shapes(
             raise ValueError(f"negatives: expected [S, k >= 1, {d}], got shape {list(negatives.shape)}")
         if negative_index is None:
             raise ValueError("negative_index: required with per-sample negatives of shape [S, k, d]")
-        _check_index(negative_index, rows, negatives.shape[0], "negative_index", "negatives")
+        _check_index(negative_index, rows, negatives.shape[0], "negative_index", "negatives", check_indices)
         k = negatives.shape[1]
     else:
         raise ValueError(f"negatives: expected [rows, d] or [S, k, d], got shape {list(negatives.shape)}")
@@ -112,11 +125,14 @@ def triplet_loss_reference(
     margin: float = 1.0,
     mix_weight: float = 1.0,
     reduction: Reduction = "mean",
+    check_indices: bool = True,
 ) -> TripletOutput:
-    """Eager torch triplet loss (fp32 accumulation for any input dtype). See the module docstring."""
+    """Eager torch triplet loss (fp32 accumulation for any input dtype). See the module docstring.
+
+    `check_indices=False` skips the range check of the indices (which waits for the device)."""
     resolve_triplet_shapes(
         anchors, positives, negatives, positive_index, negative_index, weights,
-        distance_positive, distance_negative, reduction,
+        distance_positive, distance_negative, reduction, check_indices=check_indices,
     )
     a = anchors.float()
     p = positives.float()
