@@ -1,12 +1,17 @@
-"""The training step at the paper's scale, on a GPU: a Llama-3-8B-shaped model with random weights
-(no download), bf16, LoRA r 16 on all projections, the paper's layers (target 20-30, benign term on
-1-30), sequences of up to 1024 tokens. Reports seconds per step, tokens per second, peak memory, the
-split between frozen passes, trained passes, mining, refinement, loss and optimizer, the fused Triton
-kernel against the torch reference (same steps, interleaved by backend), and hooks with truncated
-passes against full hidden states.
+"""The training step on a GPU with a Llama-3-8B-shaped model (random weights, no download): bf16,
+hidden size 4096, MLP 14336, a 128k vocabulary, LoRA r 16 on all projections, the paper's layers
+scaled to the model's depth (target layers 20-30 of 32, benign term on 1-30). Reports seconds per step,
+tokens per second, peak memory, the split between frozen passes, trained passes, mining, refinement,
+loss and optimizer, the fused Triton kernel against the torch reference (same steps, one backend
+after the other), and hooks with truncated passes against full hidden states.
 
-    python benches/gpu_step.py                          # about 3-5 minutes on an H200
-    python benches/gpu_step.py --layers 16 --steps 3    # a shrunk model when time is short
+The defaults are a shrunk step that fits an 80 GB GPU with room to spare (8 decoder layers, target
+layers 5-7, sequences of up to 256 tokens, 4 per pool: about 25 GB on an H200); `--full` is the
+paper's size (32 layers, 1024 tokens, 8 per pool: with fp32 KL logits over the 128k vocabulary it
+needs well over 80 GB, and may not fit an H200's 141 GB).
+
+    python benches/gpu_step.py                          # the shrunk step, about a minute on an H200
+    python benches/gpu_step.py --full                   # the paper's size
     python benches/gpu_step.py --dry-run-cpu            # the same code path on a tiny CPU model
 
 Writes results/gpu_step.json and prints a table.
@@ -54,12 +59,22 @@ def build_random_llama(num_layers: int, *, dry_run: bool) -> tuple[torch.nn.Modu
     return model, tokenizer
 
 
+def paper_layers(num_layers: int) -> tuple[list[int], int]:
+    """The paper's target layers (20-30 of Llama-3-8B's 32) scaled to `num_layers`, and the last one
+    (the benign term covers 1 to it)."""
+    first = max(1, round(20 * num_layers / 32))
+    top = max(first, min(num_layers - 1, round(30 * num_layers / 32)))
+    return list(range(first, top + 1)), top
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=32, help="decoder layers (32 = Llama-3-8B)")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per backend")
+    parser.add_argument("--layers", type=int, default=8, help="decoder layers (32 = Llama-3-8B)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per backend")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per pool per micro-batch")
-    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--full", action="store_true",
+                        help="the paper's size: 32 layers, sequences of up to 1024 tokens, 8 per pool")
     parser.add_argument("--backends", default="triton,torch")
     parser.add_argument("--set", action="append", default=[], help="extra training config overrides")
     parser.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes on the CPU: checks the code path only")
@@ -72,10 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     from crl.benchmarks.train_step import print_result, run_step_benchmark
     from crl.training.config import load_train_config
 
+    if args.full:
+        args.layers, args.max_length, args.batch_size = 32, 1024, 8
     repo = Path(__file__).resolve().parents[1]
     layers = args.layers
-    top = min(30, layers - 1) if layers > 2 else layers
-    targets = [l for l in range(20, 31) if l <= top] or [top]
+    targets, top = paper_layers(layers)
     sets = [
         'model.name="random-llama3-8b-shape"', 'data.pools="demo"',
         f"data.max_length={args.max_length}", f"data.batch_size={args.batch_size}",

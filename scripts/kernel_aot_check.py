@@ -59,8 +59,18 @@ MODES = (
 )
 
 
-def cases(quick: bool, dims: tuple[int, ...] = DIMS) -> list[dict]:
+# The benchmark's sweep (crl.kernels.launch_config.SWEEP_CONFIGS), at its width and in its mode.
+SWEEP_MODES = {"rows": "rows", "centroid_k4": "harmful_mined_k4"}
+
+
+def cases(quick: bool, dims: tuple[int, ...] = DIMS, sweeps: dict | None = None) -> list[dict]:
     out = []
+    for sweep, configs in (sweeps or {}).items():
+        mode = next(m for m in MODES if m[0] == SWEEP_MODES[sweep])
+        name, k, shared_p, per_sample_n, gp, gn, (dist_p, dist_n) = mode
+        for cfg in configs:
+            out.append(dict(d=4096, mode=f"sweep_{sweep}", k=k, shared_p=shared_p, per_sample_n=per_sample_n,
+                            need_gp=gp, need_gn=gn, dist_p=dist_p, dist_n=dist_n, dtype="bf16", config=cfg))
     for d in dims:
         for mode, k, shared_p, per_sample_n, gp, gn, (dist_p, dist_n) in MODES:
             for dtype in DTYPES:
@@ -98,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="bf16 only except at d = 576 and 4096")
     ap.add_argument("--dims", type=lambda s: tuple(int(x) for x in s.split(",")), default=DIMS,
                     help="comma-separated widths d (default: %(default)s)")
+    ap.add_argument("--no-sweep", action="store_true", help="leave out the benchmark's sweep configurations")
     ap.add_argument("--max-seconds", type=float, default=5.0, help="slowest compile allowed per configuration")
     ap.add_argument("--max-stack", type=int, default=0, help="largest stack frame allowed (bytes per thread)")
     args = ap.parse_args(argv)
@@ -118,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
 
     results, failures = [], []
     started = time.perf_counter()
-    for case in cases(args.quick, args.dims):
-        cfg = launch.default_config(case["d"], case["k"], case["shared_p"] and case["need_gp"],
-                                    case["per_sample_n"] and case["need_gn"])
+    for case in cases(args.quick, args.dims, None if args.no_sweep else launch.SWEEP_CONFIGS):
+        cfg = case.pop("config", None) or launch.default_config(
+            case["d"], case["k"], case["shared_p"] and case["need_gp"], case["per_sample_n"] and case["need_gn"])
         const = launch.kernel_constexprs(
             d=case["d"], k=case["k"], distance_positive=case["dist_p"], distance_negative=case["dist_n"],
             has_positive_index=case["shared_p"], has_negative_index=case["per_sample_n"], has_weights=False,

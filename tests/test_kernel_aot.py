@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "kernel_aot_check.py"
 GPU_TRITON = "3.6.0"
 MAX_SECONDS = 5.0
-EXPECTED_CASES = 5 * 10 * 3  # widths x launch kinds x dtypes (scripts/kernel_aot_check.py)
+# widths x launch kinds x dtypes, and the benchmark's sweep (scripts/kernel_aot_check.py)
+EXPECTED_CASES = 5 * 10 * 3 + 13
 
 
 def _triton_venv(version: str) -> Path:
@@ -63,6 +64,7 @@ def _check(python: str | Path, tmp_path: Path) -> dict:
     assert {r["d"] for r in summary["results"]} == {64, 576, 2048, 4096, 8192}
     assert {r["dtype"] for r in summary["results"]} == {"fp32", "bf16", "fp16"}
     assert all(not r["config"].startswith("single-pass") for r in summary["results"])
+    assert sum(r["mode"].startswith("sweep_") for r in summary["results"]) == 13
     return summary
 
 

@@ -77,6 +77,19 @@ def default_config(d: int, k: int, shared_positive: bool, shared_negative: bool,
     return KernelConfig(block_r=br, block_d=bd, single_pass=False, num_warps=warps, programs_per_sm=4)
 
 
+# Launch configurations that benches/triplet_kernel.py times against the default on a GPU, per case
+# ("rows": per-row positives and negatives, d 4096; "centroid_k4": a shared centroid with its
+# gradient and k = 4 mined negatives). scripts/kernel_aot_check.py compiles each of them too, so a
+# sweep never meets a spilling or slow-compiling configuration on a lent GPU.
+SWEEP_CONFIGS: dict[str, tuple[KernelConfig, ...]] = {
+    "rows": (KernelConfig(1, 256, False, 4), KernelConfig(2, 128, False, 4), KernelConfig(2, 256, False, 8),
+             KernelConfig(1, 512, False, 4), KernelConfig(2, 512, False, 8), KernelConfig(1, 1024, False, 8),
+             KernelConfig(2, 256, False, 4, 8)),
+    "centroid_k4": (KernelConfig(2, 128, False, 4), KernelConfig(1, 256, False, 4), KernelConfig(1, 64, False, 4),
+                    KernelConfig(1, 128, False, 8), KernelConfig(1, 256, False, 8), KernelConfig(1, 128, False, 4, 8)),
+}
+
+
 def kernel_constexprs(
     *,
     d: int,
@@ -106,4 +119,4 @@ def kernel_constexprs(
     )
 
 
-__all__ = ["DISTANCE_CODES", "MAX_KERNEL_K", "KernelConfig", "default_config", "kernel_constexprs", "next_pow2"]
+__all__ = ["DISTANCE_CODES", "MAX_KERNEL_K", "SWEEP_CONFIGS", "KernelConfig", "default_config", "kernel_constexprs", "next_pow2"]
