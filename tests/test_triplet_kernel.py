@@ -406,3 +406,17 @@ def test_cuda_configs_are_two_pass_and_bounded():
         dispatch.triplet_loss_reference = monkey
         dispatch.resolve_backend = original_resolve
     assert seen == [1]
+
+
+@pytest.mark.parametrize("config", [SINGLE, TWO_PASS], ids=["single", "two_pass"])
+def test_non_finite_inputs_give_a_non_finite_loss(config):
+    """NaN or Inf in a row makes the loss non-finite, as in the reference: the kernel must not report
+    a finite loss over NaN gradients (the training loop stops on a non-finite loss)."""
+    gen = torch.Generator().manual_seed(24)
+    for bad in (float("nan"), float("inf")):
+        a, p, n = _rand(7, 20, gen=gen), _rand(7, 20, gen=gen), _rand(7, 20, gen=gen)
+        a[3, 5] = bad
+        out = triplet_loss_triton(a, p, n, distance_positive="l2", distance_negative="cosine", margin=1.0, config=config)
+        ref = triplet_loss_reference(a, p, n, distance_positive="l2", distance_negative="cosine", margin=1.0)
+        assert not torch.isfinite(ref.loss)
+        assert not torch.isfinite(out.loss), (bad, out.loss)

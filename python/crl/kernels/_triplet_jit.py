@@ -210,7 +210,9 @@ def triplet_fwd_kernel(
         active = (h > 0) & kmask[None, :]
         actf = active.to(tl.float32)
         n_active = tl.sum(actf, 1)
-        acc_loss += w * (tl.sum(tl.where(active, h, 0.0), 1) * inv_k)
+        # A NaN hinge is not active (as in the reference) but must reach the loss: a finite loss over
+        # NaN gradients would hide the failure from the training loop's check.
+        acc_loss += w * (tl.sum(tl.where(active | ((h != h) & kmask[None, :]), h, 0.0), 1) * inv_k)
         acc_act += w * (n_active * inv_k)
         acc_dp += w * d_pos
         acc_dn += w * (tl.sum(tl.where(kmask[None, :], d_neg, 0.0), 1) * inv_k)
