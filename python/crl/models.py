@@ -50,6 +50,7 @@ __all__ = [
     "load_model",
     "lora_layers_for_targets",
     "num_hidden_layers",
+    "padding_known",
     "smollm2_gguf_path",
     "unwrap_model",
 ]
@@ -610,6 +611,59 @@ def _swapped(slots: list[tuple[torch.nn.Module, str, torch.nn.Module]]):
             setattr(parent, name, module)
 
 
+_SDPA_SKIP_ARGS = ["padding_mask", "q_length", "kv_length", "q_offset", "kv_offset"]
+
+
+@contextmanager
+def padding_known(padded: bool | None):
+    """Inside: transformers' SDPA mask builder learns from the host whether the 2D attention mask has
+    padding, instead of reading the mask on the device.
+
+    For every forward, `transformers.masking_utils._ignore_causal_mask_sdpa` decides whether SDPA can
+    use its own causal mask (no padding) by evaluating ``padding_mask.sum() == numel`` in Python: two
+    reads of a device tensor per pass, each one a host synchronisation on a GPU. For a full-length
+    pass without a cache (q_length == kv_length, offsets 0, no sliding window reached) its answer is
+    exactly "no padding", which the caller knows from the lengths it collated; the wrapper returns that
+    and defers every other case to the original. ``padded=None``, or a transformers version whose
+    function has another signature, leaves everything as it is."""
+    if padded is None:
+        yield
+        return
+    try:
+        import inspect
+
+        from transformers import masking_utils
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    original = getattr(masking_utils, "_ignore_causal_mask_sdpa", None)
+    try:
+        params = list(inspect.signature(original).parameters) if original is not None else []
+    except (TypeError, ValueError):  # pragma: no cover
+        params = []
+    if params[: len(_SDPA_SKIP_ARGS)] != _SDPA_SKIP_ARGS:
+        yield
+        return
+    no_padding = not padded
+
+    def ignore_causal_mask(padding_mask, q_length, kv_length, q_offset, kv_offset, *args, **kwargs):
+        local = args[0] if args else kwargs.get("local_attention_size")
+        plain = (
+            padding_mask is not None and not isinstance(q_offset, torch.Tensor) and q_offset == 0 and kv_offset == 0
+            and q_length == kv_length and padding_mask.dim() == 2 and padding_mask.shape[-1] == kv_length
+            and (local is None or kv_length < local) and not torch.compiler.is_compiling()
+        )
+        if not plain:
+            return original(padding_mask, q_length, kv_length, q_offset, kv_offset, *args, **kwargs)
+        return no_padding
+
+    masking_utils._ignore_causal_mask_sdpa = ignore_causal_mask
+    try:
+        yield
+    finally:
+        masking_utils._ignore_causal_mask_sdpa = original
+
+
 def fsdp_lazy_init(model: torch.nn.Module) -> None:
     """Let FSDP2 record the whole module tree before a truncated pass hides some of it.
 
@@ -656,6 +710,7 @@ def capture_hidden_states(
     *,
     stop_after_last: bool = True,
     inputs_embeds: torch.Tensor | None = None,
+    padded: bool | None = None,
 ) -> dict[int, torch.Tensor]:
     """Hidden states ``{l: [B, T, d]}`` at ``layers`` (crl numbering, see the module docstring), equal to
     ``model(..., output_hidden_states=True).hidden_states[l]``.
@@ -669,7 +724,9 @@ def capture_hidden_states(
     never ends by raising: that would leave FSDP's per-iteration state half-way (the post-forward
     hooks of the outer modules never run). Gradients flow when grad is enabled. Works
     through PeftModel (adapters on or disabled) and FSDP2-sharded models. Pass ``inputs_embeds``
-    instead of ``input_ids`` (``input_ids=None``) for embedding-space inputs.
+    instead of ``input_ids`` (``input_ids=None``) for embedding-space inputs. ``padded`` (whether any
+    row of ``attention_mask`` has padding, when the caller knows it on the host, e.g. `Batch.padded`)
+    spares transformers' SDPA mask builder its two reads of the mask (see `padding_known`).
     """
     wanted = sorted({int(l) for l in layers})
     if not wanted:
@@ -716,7 +773,7 @@ def capture_hidden_states(
     if stop_after_last:
         fsdp_lazy_init(model)
         slots = _truncation_slots(model, last)
-    with _hooks(handles), _swapped(slots):
+    with _hooks(handles), _swapped(slots), padding_known(padded if attention_mask is not None else None):
         model(**kwargs)
     missing = [l for l in wanted if l not in out]
     if missing:  # pragma: no cover - a model whose forward skips the hooked modules

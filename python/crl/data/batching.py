@@ -26,6 +26,9 @@ class Batch:
     response_mask: torch.Tensor
     indices: list[int] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)
+    padded: bool | None = None
+    """Whether any row is shorter than the batch (right padding), known on the host when collated
+    (None: unknown). Passes can hand it to the attention-mask code, which need not read the mask."""
 
     def to(self, device: str | torch.device, non_blocking: bool = False) -> Batch:
         return replace(
@@ -34,6 +37,16 @@ class Batch:
             attention_mask=self.attention_mask.to(device, non_blocking=non_blocking),
             request_mask=self.request_mask.to(device, non_blocking=non_blocking),
             response_mask=self.response_mask.to(device, non_blocking=non_blocking),
+        )
+
+    def pin_memory(self) -> Batch:
+        """The batch in page-locked host memory (for `to(cuda_device, non_blocking=True)`)."""
+        return replace(
+            self,
+            input_ids=self.input_ids.pin_memory(),
+            attention_mask=self.attention_mask.pin_memory(),
+            request_mask=self.request_mask.pin_memory(),
+            response_mask=self.response_mask.pin_memory(),
         )
 
     def __len__(self) -> int:
@@ -71,7 +84,8 @@ def collate(
         indices = [e.index if e.index is not None else i for i, e in enumerate(encoded)]
     elif len(indices) != b:
         raise ValueError(f"collate: {len(indices)} indices for {b} examples")
-    return Batch(input_ids, attention, req, resp, list(indices), [e.example_id for e in encoded])
+    padded = any(len(e.input_ids) < width for e in encoded)
+    return Batch(input_ids, attention, req, resp, list(indices), [e.example_id for e in encoded], padded)
 
 
 class LengthGroupedBatchSampler:

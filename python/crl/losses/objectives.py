@@ -17,6 +17,48 @@ from crl.losses.triplet import TripletOutput
 
 
 @dataclass
+class RowIndex:
+    """The selected tokens of a [B, T] batch as flat row indices (b * T + t, in row-major order).
+
+    Built on the host from the CPU token mask before the batch goes to the device (`from_mask`), so
+    that gathering the selected states is an `index_select` with a known number of rows: a boolean
+    mask index on a GPU tensor is a `nonzero`, which waits for the device (a host synchronisation).
+    """
+
+    flat: torch.Tensor
+    """[R] int64 flat token index into [B * T]."""
+    row_sample: torch.Tensor
+    """[R] int64 sample (batch row) of each selected token."""
+    count: int
+    """R, the number of selected tokens here (a host int)."""
+    total: int
+    """The number of selected tokens of the global batch (all processes together; `count` in one
+    process): the denominator of every global mean over these rows."""
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor, *, total: int | None = None) -> "RowIndex":
+        """From a [B, T] bool mask (a CPU mask costs no synchronisation; a device mask is copied to
+        the host once). The indices live where the mask does; move them with `to`."""
+        host = mask.detach().to("cpu", torch.bool)
+        seq = int(host.shape[1])
+        flat = torch.nonzero(host.reshape(-1)).reshape(-1)
+        count = int(flat.shape[0])
+        index = cls(flat, flat // seq, count, count if total is None else int(total))
+        return index if mask.device.type == "cpu" else index.to(mask.device)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "RowIndex":
+        device = torch.device(device)
+        if self.flat.device == device:
+            return self
+        if non_blocking and device.type == "cuda":  # pinned: the copy neither waits nor blocks the host
+            flat, row_sample = self.flat.pin_memory(), self.row_sample.pin_memory()
+        else:
+            flat, row_sample = self.flat, self.row_sample
+        return RowIndex(flat.to(device, non_blocking=non_blocking), row_sample.to(device, non_blocking=non_blocking),
+                        self.count, self.total)
+
+
+@dataclass
 class LayerRows:
     states: torch.Tensor
     """[L, R, d] hidden states of the selected tokens at each layer."""
@@ -27,19 +69,39 @@ class LayerRows:
 
     def at(self, layers: list[int]) -> torch.Tensor:
         """The [len(layers), R, d] slice of the given layers (a view when they are contiguous)."""
-        idx = [self.layers.index(l) for l in layers]
-        if idx == list(range(idx[0], idx[0] + len(idx))):
-            return self.states[idx[0] : idx[0] + len(idx)]
-        return self.states[idx]
+        return take_layers(self.states, [self.layers.index(l) for l in layers])
 
 
-def select_rows(hidden: dict[int, torch.Tensor], token_mask: torch.Tensor, layers: list[int]) -> LayerRows:
-    """Stack the masked tokens of each layer's [B, T, d] states into [L, R, d]."""
-    flat_mask = token_mask.reshape(-1)
-    states = torch.stack([hidden[l].reshape(-1, hidden[l].shape[-1])[flat_mask] for l in layers])
-    batch, seq = token_mask.shape
-    row_sample = torch.arange(batch, device=token_mask.device).repeat_interleave(seq)[flat_mask]
-    return LayerRows(states, list(layers), row_sample)
+_INDEX_CACHE: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+
+
+def take_layers(x: torch.Tensor, idx: list[int] | tuple[int, ...], dim: int = 0) -> torch.Tensor:
+    """`x` at positions `idx` along `dim` without a host synchronisation: a view when `idx` is a
+    contiguous range, else an `index_select` with a cached index tensor on x's device (indexing a GPU
+    tensor with a Python list copies the list to the device with a blocking copy, which waits for the
+    device)."""
+    idx = tuple(int(i) for i in idx)
+    if idx and idx == tuple(range(idx[0], idx[0] + len(idx))):
+        return x.narrow(dim, idx[0], len(idx))
+    key = (idx, x.device)
+    index = _INDEX_CACHE.get(key)
+    if index is None:
+        host = torch.tensor(idx, dtype=torch.int64)
+        if x.device.type == "cuda":
+            host = host.pin_memory()
+        index = _INDEX_CACHE[key] = host.to(x.device, non_blocking=True)
+    return x.index_select(dim, index)
+
+
+def select_rows(hidden: dict[int, torch.Tensor], rows: RowIndex | torch.Tensor, layers: list[int]) -> LayerRows:
+    """Stack the selected tokens of each layer's [B, T, d] states into [L, R, d].
+
+    `rows`: a `RowIndex` (no synchronisation: an `index_select` per layer), or a [B, T] bool mask
+    (converted with `RowIndex.from_mask`: one device-to-host copy when the mask is on a GPU)."""
+    if not isinstance(rows, RowIndex):
+        rows = RowIndex.from_mask(rows)
+    states = torch.stack([hidden[l].reshape(-1, hidden[l].shape[-1]).index_select(0, rows.flat) for l in layers])
+    return LayerRows(states, list(layers), rows.row_sample)
 
 
 @dataclass
@@ -73,17 +135,18 @@ class LayerFrame:
 
     def select(self, idx: list[int]) -> "LayerFrame":
         return LayerFrame(
-            self.center[idx] if self.center is not None else None, self.scale[idx] if self.scale is not None else None
+            take_layers(self.center, idx) if self.center is not None else None,
+            take_layers(self.scale, idx) if self.scale is not None else None,
         )
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x: [L, ..., d] with the layer first."""
         extra = (1,) * (x.dim() - 2)
         if self.center is not None:
-            c = self.center.to(x.device)
+            c = self.center if self.center.device == x.device else self.center.to(x.device)
             x = x - c.reshape(c.shape[0], *extra, c.shape[1]).to(x.dtype)
         if self.scale is not None:
-            sc = self.scale.to(x.device)
+            sc = self.scale if self.scale.device == x.device else self.scale.to(x.device)
             x = x / sc.reshape(sc.shape[0], *extra, 1).to(x.dtype)
         return x
 
@@ -91,7 +154,7 @@ class LayerFrame:
 def _flatten_layers(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[L, R, d] -> ([L*R, d], layer index [L*R])."""
     num_layers, rows, dim = x.shape
-    layer_of_row = torch.arange(num_layers, device=x.device).repeat_interleave(rows)
+    layer_of_row = torch.arange(num_layers, device=x.device)[:, None].expand(num_layers, rows).reshape(-1)
     return x.reshape(num_layers * rows, dim), layer_of_row
 
 
@@ -192,11 +255,13 @@ def circuit_breaker_terms(
 
 
 def pooled_by_sample(rows: torch.Tensor, row_sample: torch.Tensor, num_samples: int) -> torch.Tensor:
-    """[L, R, d] rows -> [L, S, d] mean over each sample's rows (samples without rows give 0)."""
-    num_layers, _, dim = rows.shape
+    """[L, R, d] rows -> [L, S, d] mean over each sample's rows (samples without rows give 0).
+
+    Counts by `index_add_` (a `bincount` on a GPU reads the largest index back to the host)."""
+    num_layers, num_rows, dim = rows.shape
     sums = rows.new_zeros(num_layers, num_samples, dim, dtype=torch.float32)
     sums.index_add_(1, row_sample, rows.float())
-    counts = torch.bincount(row_sample, minlength=num_samples).clamp_min(1).to(sums.dtype)
+    counts = sums.new_zeros(num_samples).index_add_(0, row_sample, sums.new_ones(num_rows)).clamp_min(1)
     return sums / counts[None, :, None]
 
 
@@ -220,14 +285,18 @@ def repbend_terms(
     sims = unit @ unit.transpose(1, 2)  # [L, S, S]
     samples = pooled.shape[1]
     if samples > 1:
-        off_diagonal = ~torch.eye(samples, dtype=torch.bool, device=sims.device)
-        mean_cos = sims[:, off_diagonal].mean()
+        # the off-diagonal entries in row-major order (what a boolean ~eye mask selects), computed
+        # on the device: a boolean mask index there is a nonzero, which synchronises with the host
+        k = torch.arange(samples * (samples - 1), device=sims.device)
+        i, j = k // (samples - 1), k % (samples - 1)
+        off_diagonal = i * samples + j + (j >= i).long()
+        mean_cos = sims.reshape(sims.shape[0], samples * samples).index_select(1, off_diagonal).mean()
     else:
         mean_cos = sims.new_ones(())
     return benign, harmful, 1.0 - mean_cos
 
 
 __all__ = [
-    "LayerFrame", "LayerRows", "circuit_breaker_terms", "crl_benign_triplet", "crl_harmful_triplet",
-    "pooled_by_sample", "repbend_terms", "retain_kl", "select_rows",
+    "LayerFrame", "LayerRows", "RowIndex", "circuit_breaker_terms", "crl_benign_triplet", "crl_harmful_triplet",
+    "pooled_by_sample", "repbend_terms", "retain_kl", "select_rows", "take_layers",
 ]

@@ -49,10 +49,22 @@ class Mined:
     valid: torch.Tensor
     """[S] bool: the sample got at least one negative at every layer."""
 
+    def all_valid(self) -> bool:
+        """Whether every sample got a negative (`valid` is host memory: no synchronisation)."""
+        return bool(self.valid.all())
+
     def flat(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(negatives [L*S, k, d], valid [L*S]) on `device`."""
         num_layers, s, k, d = self.negatives.shape
         return self.negatives.reshape(num_layers * s, k, d).to(device), self.valid.repeat(num_layers).to(device)
+
+
+MINING_STAT_KEYS = tuple(
+    f"{name}_{kind}{suffix}" for kind in ("benign", "harmful")
+    for name, suffix in (("mined_sim", ""), ("mined_sim", "_top1"), ("hardest_changed", ""))
+)
+"""The keys `MiningStats.values` can hold (a key is left out when its value is undefined, e.g. the
+changed fraction before any sample was seen twice)."""
 
 
 @dataclass
@@ -216,4 +228,4 @@ class HardNegativeMiner:
             warnings.warn("resuming with a different frozen bank than the checkpoint was written with", stacklevel=2)
 
 
-__all__ = ["HardNegativeMiner", "Mined", "MiningStats"]
+__all__ = ["MINING_STAT_KEYS", "HardNegativeMiner", "Mined", "MiningStats"]

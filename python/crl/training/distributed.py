@@ -11,7 +11,9 @@ global batch, term by term:
   (`torch.distributed.nn.functional.all_reduce`), so each rank's gradient reaches every rank's
   harmful rows through it;
 * each mean over rows (triplet terms) or tokens (retain KL) is a local sum divided by the global
-  count;
+  count. Every rank holds the global batch before taking its slice, so the trainer counts the
+  global rows of each set on the host (`crl.losses.objectives.RowIndex.total`): no collective and no
+  device read is needed for them;
 * the LoRA gradients are then SUMMED across ranks (`all_reduce_gradients`) after the accumulation
   and before clipping.
 
@@ -28,8 +30,12 @@ root), gathered layer by layer for each pass; the LoRA parameters are left out o
 (`ignored_params`): they stay whole on every rank and everything above applies to them unchanged
 (broadcast once, gradients summed explicitly, plain optimizer, full checkpoints).
 
-Metrics are reduced inside `LossComputer` (`reduce_metrics`) so that the values every rank holds,
-and the main rank logs, are the global ones.
+Metrics stay on the device until the end of each optimizer step; then one all-gather of one float64
+tensor (`gather_metrics`) and one read give every rank the global values, which the main rank logs
+(see crl.training.metrics). Per optimizer step the loss path issues no host synchronisation of its
+own; the collectives it needs are tensor collectives queued on the device (the centroid's and the
+frame's all-reduces, with mining the gather of the batch's pooled harmful states, and the gradient
+all-reduce). With refinement, the global hardest owners are gathered as Python objects (host data).
 """
 
 from __future__ import annotations
@@ -43,9 +49,11 @@ import torch
 from crl.config import ConfigError
 from crl.losses.objectives import LayerFrame
 from crl.losses.triplet import TripletOutput
+from crl.training.metrics import Value, keys_checksum, metric_keys
 
-# Metric keys of the crl method that are additive partials (global value = sum over ranks).
-_ADDITIVE_PREFIXES = ("loss", "active_", "benign_d_", "harmful_d_")
+MAX_METRIC_KEYS = 256
+"""Slots per micro-batch in `gather_metrics`' tensor (a fixed size: every rank's tensor must have the
+same size whatever it logged, or the all-gather would not match up)."""
 
 
 def _dist():
@@ -151,19 +159,27 @@ class DistributedContext:
                 f"of the number of processes ({self.world_size})"
             )
 
+    def shard_bounds(self, n: int, rank: int | None = None) -> tuple[int, int]:
+        """[start, stop) of a rank's slice of a global batch of `n` items (this rank's by default)."""
+        rank = self.rank if rank is None else rank
+        base, extra = divmod(n, self.world_size)
+        start = rank * base + min(rank, extra)
+        return start, start + base + (1 if rank < extra else 0)
+
+    def shard_sizes(self, n: int) -> list[int]:
+        """Every rank's slice size of a global batch of `n` items, in rank order."""
+        return [stop - start for start, stop in (self.shard_bounds(n, r) for r in range(self.world_size))]
+
     def shard(self, items: Sequence[Any]) -> list[Any]:
         """This rank's contiguous slice of a global batch (sizes differ by at most one when the batch
         does not divide; concatenating the slices in rank order gives the batch back)."""
-        n = len(items)
-        base, extra = divmod(n, self.world_size)
-        start = self.rank * base + min(self.rank, extra)
-        stop = start + base + (1 if self.rank < extra else 0)
+        start, stop = self.shard_bounds(len(items))
         return list(items[start:stop])
 
     # --- collectives ---------------------------------------------------------------------------
 
     def total(self, value: float) -> float:
-        """Sum of a number over ranks."""
+        """Sum of a number over ranks (a collective and a device read: not for the training step)."""
         t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
         _dist().all_reduce(t)
         return float(t.item())
@@ -191,76 +207,133 @@ class DistributedContext:
         return out
 
     def all_gather_cat(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
-        """Concatenate every rank's tensor along `dim` in rank order (sizes along `dim` may differ)."""
+        """Concatenate every rank's tensor along `dim` in rank order (sizes along `dim` may differ;
+        through Python objects: host data)."""
         parts = self.all_gather_object(tensor.detach().cpu())
         return torch.cat(parts, dim=dim).to(tensor.device)
 
-    # --- the loss pieces -----------------------------------------------------------------------
+    def all_gather_rows(self, tensor: torch.Tensor, sizes: Sequence[int], dim: int) -> torch.Tensor:
+        """Concatenate every rank's tensor along `dim` in rank order, where rank r's has `sizes[r]`
+        entries there (known on every rank): padded to the largest, one tensor all-gather on the
+        device, no host synchronisation. No autograd."""
+        sizes = [int(n) for n in sizes]
+        if tensor.shape[dim] != sizes[self.rank]:
+            raise ValueError(f"all_gather_rows: this rank's tensor has {tensor.shape[dim]} entries along dim {dim}, "
+                             f"expected {sizes[self.rank]}")
+        width = max(sizes)
+        x = tensor.detach()
+        if x.shape[dim] < width:
+            pad = list(x.shape)
+            pad[dim] = width - x.shape[dim]
+            x = torch.cat([x, x.new_zeros(pad)], dim=dim)
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        _dist().all_gather(parts, x.contiguous())
+        return torch.cat([part.narrow(dim, 0, n) for part, n in zip(parts, sizes)], dim=dim)
 
-    def fit_frame(self, frozen: torch.Tensor, *, center: bool, scale: bool) -> LayerFrame:
-        """`LayerFrame.fit` over the frozen rows [L, R, d] of the global batch."""
+    # --- the loss pieces -----------------------------------------------------------------------
+    # `total`: the number of rows of the global batch, counted on the host by the trainer
+    # (crl.losses.objectives.RowIndex.total).
+
+    def fit_frame(self, frozen: torch.Tensor, total: int, *, center: bool, scale: bool) -> LayerFrame:
+        """`LayerFrame.fit` over the frozen rows [L, R, d] of the global batch (`total` rows)."""
         with torch.no_grad():
             x = frozen.float()
-            count = self.total(x.shape[1])
             mean = None
-            if center and count > 0:
-                mean = self.sum_(x.sum(dim=1)) / count
+            if center and total > 0:
+                mean = self.sum_(x.sum(dim=1)) / total
             spread = None
             if scale:
                 centred = x - mean[:, None, :] if mean is not None else x
-                spread = (self.sum_(centred.norm(dim=-1).sum(dim=-1)) / max(count, 1.0)).clamp_min(1e-6)
+                spread = (self.sum_(centred.norm(dim=-1).sum(dim=-1)) / max(total, 1)).clamp_min(1e-6)
         return LayerFrame(mean, spread)
 
-    def global_row_mean(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean over the rows (dim 1) of [L, R, d] across ranks, differentiable: the backward of the
-        all-reduce sums every rank's gradient of the mean into each rank's rows."""
+    def global_row_mean(self, x: torch.Tensor, total: int) -> torch.Tensor:
+        """Mean over the rows (dim 1) of [L, R, d] across ranks (`total` rows in all), differentiable:
+        the backward of the all-reduce sums every rank's gradient of the mean into each rank's rows."""
         from torch.distributed.nn.functional import all_reduce
 
-        count = self.total(x.shape[1])
         summed = all_reduce(x.float().sum(dim=1))
-        return summed / max(count, 1.0)
+        return summed / max(total, 1)
 
-    def has_rows(self, rows: int) -> bool:
-        """Whether any rank has rows (branches must be global: every rank runs the same collectives)."""
-        return self.total(rows) > 0
-
-    def shard_triplet(self, out: TripletOutput, rows: int) -> TripletOutput:
+    @staticmethod
+    def shard_triplet(out: TripletOutput, rows: int, total: int) -> TripletOutput:
         """A triplet output whose loss and statistics are means over `rows` local rows, as this rank's
-        share of the global means: value * rows / global rows (their sum over ranks is the global mean)."""
-        total = self.total(rows)
+        share of the global means over `total` rows: value * rows / total (their sum over ranks is the
+        global mean)."""
         f = rows / total if total > 0 else 0.0
         return TripletOutput(
             out.loss * f, out.active_fraction * f, out.mean_positive_distance * f, out.mean_negative_distance * f
         )
 
-    def shard_mean(self, value: torch.Tensor, count: int) -> torch.Tensor:
-        """Same as `shard_triplet` for a scalar mean over `count` local items."""
-        total = self.total(count)
+    @staticmethod
+    def shard_mean(value: torch.Tensor, count: int, total: int) -> torch.Tensor:
+        """Same as `shard_triplet` for a scalar mean over `count` local items (`total` in all)."""
         return value * (count / total if total > 0 else 0.0)
 
-    def reduce_metrics(self, metrics: dict[str, float], *, additive: bool) -> dict[str, float]:
-        """The global metrics of one micro-batch, identical on every rank.
+    def gather_metrics(
+        self, micros: Sequence[dict[str, Value]], extra: Sequence[Value] = ()
+    ) -> tuple[list[list[dict[str, float]]], list[float | None]]:
+        """Every rank's metric values of an optimizer step's micro-batches, as host floats
+        ([rank][micro] -> {key: value}, None-valued keys left out), and this rank's `extra` values, with
+        one all-gather of one float64 tensor and one device read (crl.training.metrics).
 
-        `additive` (method crl): loss/active/distance keys are this rank's partial sums and are summed;
-        otherwise they are local means and are averaged over ranks. `seconds_*`: the slowest rank;
-        `coef_*`: equal on every rank; anything else (mining statistics): the mean over the ranks that
-        logged it."""
-        gathered = self.all_gather_object(dict(metrics))
-        keys: list[str] = []
-        for m in gathered:
-            keys.extend(k for k in m if k not in keys)
-        out: dict[str, float] = {}
-        for key in keys:
-            values = [float(m[key]) for m in gathered if key in m]
-            if key.startswith("seconds_"):
-                out[key] = max(values)
-            elif key.startswith("coef_"):
-                out[key] = values[0]
-            elif additive and key.startswith(_ADDITIVE_PREFIXES):
-                out[key] = sum(values)
-            else:
-                out[key] = sum(values) / len(values)
-        return out
+        Every rank must emit the same keys (None where a value does not apply); a rank that did not is
+        reported on every rank by a RuntimeError."""
+        keys = metric_keys(micros)
+        if len(keys) > MAX_METRIC_KEYS:
+            raise RuntimeError(f"metrics: {len(keys)} keys per optimizer step; at most {MAX_METRIC_KEYS} fit "
+                               "gather_metrics' tensor (raise MAX_METRIC_KEYS)")
+        slots = 2 * MAX_METRIC_KEYS
+        width = 2 + len(micros) * slots
+        host = torch.zeros(width, dtype=torch.float64)
+        host[0], host[1] = float(len(keys)), float(keys_checksum(keys))
+        positions: list[int] = []
+        tensors: list[torch.Tensor] = []
+        for m, values in enumerate(micros):
+            for k, key in enumerate(keys):
+                v = values.get(key)
+                if v is None:
+                    continue  # not logged here: presence flag 0
+                base = 2 + m * slots + 2 * k
+                host[base + 1] = 1.0
+                if isinstance(v, torch.Tensor):
+                    positions.append(base)
+                    tensors.append(v)
+                else:
+                    host[base] = float(v)
+        payload = self._to_device(host)
+        if tensors:
+            index = self._to_device(torch.tensor(positions, dtype=torch.int64))
+            payload.index_copy_(0, index, torch.stack([t.detach().reshape(()).to(payload.device, torch.float64)
+                                                       for t in tensors]))
+        parts = [torch.empty_like(payload) for _ in range(self.world_size)]
+        _dist().all_gather(parts, payload)
+        extra_tensors = [v.detach().reshape(()).to(payload.device, torch.float64) for v in extra if isinstance(v, torch.Tensor)]
+        numbers = torch.cat(parts + ([torch.stack(extra_tensors)] if extra_tensors else [])).tolist()  # the one read
+        checksum = keys_checksum(keys)
+        per_rank: list[list[dict[str, float]]] = []
+        for r in range(self.world_size):
+            row = numbers[r * width : (r + 1) * width]
+            if (int(row[0]), int(row[1])) != (len(keys), checksum):
+                raise RuntimeError(
+                    f"metrics: process {r} logged other metric keys than process {self.rank} ({int(row[0])} keys, "
+                    f"checksum {int(row[1])}; here {len(keys)} keys, checksum {checksum}: {', '.join(keys)}); every "
+                    "process must emit the same keys in the same order (None where a value does not apply)"
+                )
+            per_micro = []
+            for m in range(len(micros)):
+                base = 2 + m * slots
+                per_micro.append({key: row[base + 2 * k] for k, key in enumerate(keys) if row[base + 2 * k + 1] == 1.0})
+            per_rank.append(per_micro)
+        tail = iter(numbers[self.world_size * width :])
+        extras = [next(tail) if isinstance(v, torch.Tensor) else (None if v is None else float(v)) for v in extra]
+        return per_rank, extras
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """A host tensor on this rank's device without a blocking copy (pinned on a GPU)."""
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
 
     # --- FSDP ---------------------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ import torch
 
 from crl.attacks.latent import ResidualPerturbation
 from crl.data import collate
+from crl.losses.objectives import RowIndex
 from crl.models import capture_hidden_states, hidden_size, num_hidden_layers, unwrap_model
 from crl.training.config import RefinementConfig
 
@@ -54,8 +55,18 @@ class Refined:
     selection: torch.Tensor
     """[B, T] bool: the tokens that enter the loss."""
     sample_ids: torch.Tensor
-    """[B] int64: harmful-pool indices of the attacked samples."""
-    metrics: dict[str, float] = field(default_factory=dict)
+    """[B] int64 (host): harmful-pool indices of the attacked samples."""
+    values: dict[str, Any] = field(default_factory=dict)
+    """The metrics as computed: 0-dim device tensors (attack losses, relative norm) and host floats."""
+    rows: RowIndex | None = None
+    """`selection` as flat row indices on the device (built on the host)."""
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The metrics as host floats (one device read)."""
+        from crl.training.metrics import read_values
+
+        return read_values([self.values])[0][0]
 
 
 def hardest_owners(candidates: Sequence[tuple[np.ndarray, np.ndarray]], n: int) -> list[int]:
@@ -70,19 +81,34 @@ def hardest_owners(candidates: Sequence[tuple[np.ndarray, np.ndarray]], n: int) 
     return [o for o, _ in ranked[:n]]
 
 
+def response_targets(input_ids: torch.Tensor, response_mask: torch.Tensor) -> tuple[RowIndex, torch.Tensor]:
+    """The positions that predict a response token (a `RowIndex` over [B, T]) and the token each one
+    predicts [N]. Build them from host tensors: from device ones they cost a device-to-host copy."""
+    predicting = torch.zeros_like(response_mask, device="cpu")
+    predicting[:, :-1] = response_mask[:, 1:].detach().cpu()
+    rows = RowIndex.from_mask(predicting)
+    targets = input_ids.detach().cpu().reshape(-1).index_select(0, rows.flat + 1)
+    return rows, targets
+
+
 def response_cross_entropy(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           response_mask: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the response tokens [B] (logits only at the predicting positions)."""
+                           response_mask: torch.Tensor, *, targets: tuple[RowIndex, torch.Tensor] | None = None,
+                           padded: bool | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the response tokens [B] (logits only at the predicting positions).
+    `targets`: `response_targets` of the batch, on its device (else computed here, through the host)."""
+    if targets is None:
+        rows, tokens = response_targets(input_ids, response_mask)
+        rows, tokens = rows.to(input_ids.device), tokens.to(input_ids.device)
+    else:
+        rows, tokens = targets
     last = num_hidden_layers(model)
-    hidden = capture_hidden_states(model, input_ids, attention_mask, [last])[last]  # after the final norm
-    predicting = torch.zeros_like(response_mask)
-    predicting[:, :-1] = response_mask[:, 1:]
-    logits = unwrap_model(model).get_output_embeddings()(hidden[predicting]).float()
-    targets = input_ids[:, 1:][response_mask[:, 1:]]
-    ce = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-    row = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(predicting)[predicting]
-    sums = torch.zeros(input_ids.shape[0], device=ce.device).index_add(0, row, ce)
-    counts = torch.bincount(row, minlength=input_ids.shape[0]).clamp_min(1)
+    hidden = capture_hidden_states(model, input_ids, attention_mask, [last], padded=padded)[last]  # after the final norm
+    states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.flat)
+    logits = unwrap_model(model).get_output_embeddings()(states).float()
+    ce = torch.nn.functional.cross_entropy(logits, tokens, reduction="none")
+    batch = input_ids.shape[0]
+    sums = torch.zeros(batch, device=ce.device).index_add(0, rows.row_sample, ce)
+    counts = torch.zeros(batch, device=ce.device).index_add(0, rows.row_sample, torch.ones_like(ce)).clamp_min(1)
     return sums / counts
 
 
@@ -148,10 +174,20 @@ class AdversarialRefiner:
         """Attack `sample_ids` (harmful-pool indices) and return their states at `layers`."""
         t0 = time.perf_counter()
         cfg = self.config
-        batch = collate([self.examples[i] for i in sample_ids], self.pad_token_id).to(self.device)
-        selection = self.select_tokens(batch)
+        # Everything the host needs to know about the batch is computed on the CPU batch, before it
+        # goes to the device (no synchronisation): the selected rows, the prompt positions, the targets.
+        host = collate([self.examples[i] for i in sample_ids], self.pad_token_id)
+        host_selection = self.select_tokens(host)
+        host_prompt = host.attention_mask.bool() & ~host.response_mask
+        has_prompt = bool(host_prompt.any())
+        pred_rows, pred_tokens = response_targets(host.input_ids, host.response_mask)
+        batch = self._to_device(host)
+        selection = self._to_device(host_selection)
+        prompt = self._to_device(host_prompt)
+        rows = RowIndex.from_mask(host_selection).to(self.device, non_blocking=True)
+        prompt_rows = RowIndex.from_mask(host_prompt).to(self.device, non_blocking=True)
+        targets = (pred_rows.to(self.device, non_blocking=True), self._to_device(pred_tokens))
         attn = batch.attention_mask
-        prompt = attn.bool() & ~batch.response_mask
         layer = self.layer_at(step)
         per_sample = cfg.persistence == "per_sample"
         if per_sample:
@@ -168,16 +204,19 @@ class AdversarialRefiner:
             with torch.no_grad():
                 pert.delta.copy_(saved)  # resize_ zeroes it; the universal delta persists
             attack_now = self.refresh_due(step) and cfg.steps > 0
-        metrics: dict[str, float] = {"attack_layer": float(layer), "attack_samples": float(len(sample_ids))}
+        values: dict[str, Any] = {"attack_layer": float(layer), "attack_samples": float(len(sample_ids))}
         was_training = model.training
         try:
             model.train(False)
             with torch.no_grad(), self.amp():
-                clean = capture_hidden_states(model, batch.input_ids, attn, [layer])[layer].float()
+                clean = capture_hidden_states(model, batch.input_ids, attn, [layer], padded=batch.padded)[layer].float()
             clean_norm = clean.norm(dim=-1)  # [B, T]
             pert.project_(clean_norm)
             if attack_now:
-                rms = float(clean_norm[prompt].mean()) / pert.hidden**0.5 if bool(prompt.any()) else 1.0
+                # The one read of an attack: Adam's learning rate, relative to the clean states' scale,
+                # is a host number for torch's Adam (a tensor lr needs capturable Adam, CUDA only).
+                rms = float(clean_norm.reshape(-1).index_select(0, prompt_rows.flat).mean()) / pert.hidden**0.5 \
+                    if has_prompt else 1.0
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * cfg.eps * rms
                 pert.delta.requires_grad_(True)
@@ -185,9 +224,10 @@ class AdversarialRefiner:
                 with pert.install(model):
                     for _ in range(cfg.steps):
                         with self.amp():
-                            ce = response_cross_entropy(model, batch.input_ids, attn, batch.response_mask).mean()
+                            ce = response_cross_entropy(model, batch.input_ids, attn, batch.response_mask,
+                                                        targets=targets, padded=batch.padded).mean()
                         (grad,) = torch.autograd.grad(ce, [pert.delta])
-                        losses.append(float(ce.detach()))
+                        losses.append(ce.detach())  # read with the step's metrics, not here
                         opt.zero_grad(set_to_none=True)
                         pert.delta.grad = grad
                         opt.step()
@@ -195,24 +235,30 @@ class AdversarialRefiner:
                         pert.project_(clean_norm)
                 if not per_sample:
                     self.last_refresh_step = step
-                metrics["attack_loss_start"] = losses[0]
-                metrics["attack_loss"] = losses[-1]
+                values["attack_loss_start"] = losses[0]
+                values["attack_loss"] = losses[-1]
         finally:
             model.train(was_training)
         # The attacked states (grad to LoRA, not to the perturbation), and the clean frozen ones.
         pert.delta.requires_grad_(False)
         try:
             with pert.install(model), self.amp():
-                trained = capture_hidden_states(model, batch.input_ids, attn, layers)
+                trained = capture_hidden_states(model, batch.input_ids, attn, layers, padded=batch.padded)
         finally:
             pert.delta.requires_grad_(True)
         with torch.no_grad(), model.disable_adapter(), self.amp():
-            frozen = capture_hidden_states(model, batch.input_ids, attn, layers)
+            frozen = capture_hidden_states(model, batch.input_ids, attn, layers, padded=batch.padded)
         rel = pert.relative_norm()
-        metrics["attack_rel_norm"] = float(rel[prompt].max()) if bool(prompt.any()) else 0.0
-        metrics["seconds_refinement"] = time.perf_counter() - t0
-        ids = torch.as_tensor(list(sample_ids), dtype=torch.int64, device=self.device)
-        return Refined(trained, frozen, selection, ids, metrics)
+        values["attack_rel_norm"] = rel.reshape(-1).index_select(0, prompt_rows.flat).max() if has_prompt else 0.0
+        values["seconds_refinement"] = time.perf_counter() - t0
+        ids = torch.as_tensor(list(sample_ids), dtype=torch.int64)
+        return Refined(trained, frozen, selection, ids, values, rows)
+
+    def _to_device(self, x):
+        """A host tensor or batch on the device without a blocking copy (pinned on a GPU)."""
+        if self.device.type == "cuda":
+            x = x.pin_memory()
+        return x.to(self.device, non_blocking=True)
 
     # --- checkpointing -------------------------------------------------------------------------------
 
@@ -239,4 +285,4 @@ class AdversarialRefiner:
             self.optimizers[l] = opt
 
 
-__all__ = ["AdversarialRefiner", "Refined", "hardest_owners", "response_cross_entropy"]
+__all__ = ["AdversarialRefiner", "Refined", "hardest_owners", "response_cross_entropy", "response_targets"]

@@ -14,7 +14,7 @@ import json
 import math
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,8 @@ from crl.training.checkpoint import (
     write_checkpoint,
 )
 from crl.training.config import TrainConfig
-from crl.training.step import LossComputer, StepBatches, contrast_selection, token_selection
+from crl.training.metrics import average_micro_batches, read_values, reduce_over_ranks
+from crl.training.step import LossComputer, StepBatches, contrast_selection, row_totals, step_rows, token_selection
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -148,6 +149,8 @@ class Trainer:
             model, tokenizer = load_model(config.model.name, dtype=DTYPES[config.model.dtype])
         self.tokenizer = tokenizer
         self.base_model = model
+        if not self.fsdp:  # the demo pools are generated on the training device
+            model.to(self.accelerator.device)
         with self.accelerator.main_process_first():  # demo pools: generated once (rank 0, unsharded model), then read
             self.streams = self._build_streams()
         self.miner = None
@@ -155,7 +158,6 @@ class Trainer:
         bank_model_hash = None
         if config.mining.enabled and not self.fsdp:
             # The frozen bank, through the base model (every rank in lock-step under multiple processes).
-            model.to(self.accelerator.device)
             self.miner = self._build_miner(model)
         elif config.mining.enabled and self.is_main:
             # FSDP: the bank is built through the sharded model below; its key hashes the whole base
@@ -202,6 +204,7 @@ class Trainer:
         self.loss = LossComputer(
             unwrapped, config.loss, autocast=self.accelerator.device.type == "cuda",
             miner=self.miner, mining=config.mining, refiner=self.refiner, dist=self.dist,
+            device=self.accelerator.device,
         )
         self.step = 0
         if self.dist is not None and self.dist.rank > 0:
@@ -240,12 +243,40 @@ class Trainer:
         if pools == "demo":
             from crl.data import build_pools, load_demo
 
-            return build_pools(
-                self.base_model, self.tokenizer, load_demo("harmful", "train"), load_demo("benign", "train"),
-                self.output_dir / "pools", max_new_tokens=self.config.data.generation_max_new_tokens,
-                progress=self.config.run.progress, seed=self.config.run.seed,
-            )
+            with self._on_generation_device(self.base_model):
+                return build_pools(
+                    self.base_model, self.tokenizer, load_demo("harmful", "train"), load_demo("benign", "train"),
+                    self.output_dir / "pools", max_new_tokens=self.config.data.generation_max_new_tokens,
+                    progress=self.config.run.progress, seed=self.config.run.seed,
+                )
         return load_pools(Path(pools))
+
+    @contextmanager
+    def _on_generation_device(self, model: torch.nn.Module):
+        """Generate the demo pools on the training device. Without FSDP the model is there already.
+        Under FSDP the whole model exists on rank 0 only, before sharding: it goes to the device for
+        the generation and back to the CPU afterwards when the device can hold it (less than 80% of
+        its free memory), else it generates on the CPU (slowly: build the pools beforehand with
+        `crl data build --device cuda` on one device, or use smaller pools)."""
+        device = self.accelerator.device
+        current = next(model.parameters()).device
+        if current == device or device.type != "cuda" or not self.is_main:  # only rank 0 generates
+            yield
+            return
+        free, _ = torch.cuda.mem_get_info(device)
+        need = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+        if need > 0.8 * free:
+            if self.is_main:
+                print(f"crl: the model ({need / 2**30:.1f} GiB) does not fit the free memory of {device} "
+                      f"({free / 2**30:.1f} GiB) before sharding: the demo pools are generated on the CPU")
+            yield
+            return
+        model.to(device)
+        try:
+            yield
+        finally:
+            model.to(current)
+            torch.cuda.empty_cache()
 
     def _encode(self, examples: list[Example], name: str) -> list[EncodedExample]:
         from crl.data.encoding import EncodingTooLongError
@@ -348,25 +379,44 @@ class Trainer:
     # --- the loop ------------------------------------------------------------------------------
 
     def _next_batches(self, micro: int = 0) -> StepBatches:
+        """The next micro-batch of each pool, on the device. Everything the step needs to know about
+        it on the host (the token selections as flat row indices, the row counts, under several
+        processes those of the global batch) is computed here on the CPU batch, without a device read;
+        the tensors then go to the device without blocking copies (pinned memory on a GPU)."""
         pad = self.tokenizer.pad_token_id
         device = self.accelerator.device
+        loss_cfg = self.config.loss
         benign, benign_ids = self.streams["benign"].next_batch_with_indices()
         harmful, harmful_ids = self.streams["harmful"].next_batch_with_indices()
         retain_examples = self.streams["retain"].next_batch() if "retain" in self.streams else None
-        if self.dist is not None:  # this rank's slice of each global batch
+        totals = global_harmful_ids = harmful_shards = None
+        if self.dist is not None:  # this rank's slice of each global batch; the global row counts first
             shard = self.dist.shard
+            whole = collate(benign + harmful, pad)
+            whole_retain = collate(retain_examples, pad) if retain_examples is not None else None
+            totals = row_totals(whole, len(benign), contrast_selection(whole, len(benign), loss_cfg), whole_retain)
+            global_harmful_ids = torch.tensor(harmful_ids, dtype=torch.int64)
+            harmful_shards = self.dist.shard_sizes(len(harmful))
             benign, benign_ids, harmful, harmful_ids = shard(benign), shard(benign_ids), shard(harmful), shard(harmful_ids)
             retain_examples = shard(retain_examples) if retain_examples is not None else None
-        contrast = collate(benign + harmful, pad).to(device)
-        retain = None
-        if retain_examples is not None:
-            retain = collate(retain_examples, pad).to(device)
-        selection = contrast_selection(contrast, len(benign), self.config.loss)
+        contrast = collate(benign + harmful, pad)
+        retain = collate(retain_examples, pad) if retain_examples is not None else None
+        selection = contrast_selection(contrast, len(benign), loss_cfg)
+        rows = step_rows(contrast, len(benign), selection, retain, totals)
         return StepBatches(
-            contrast=contrast, num_benign=len(benign), retain=retain, selection=selection,
+            contrast=self._to_device(contrast), num_benign=len(benign),
+            retain=self._to_device(retain) if retain is not None else None, selection=self._to_device(selection),
             benign_ids=torch.tensor(benign_ids, dtype=torch.int64), harmful_ids=torch.tensor(harmful_ids, dtype=torch.int64),
-            step=self.step, micro=micro,
+            step=self.step, micro=micro, rows=rows.to(device, non_blocking=True),
+            global_harmful_ids=global_harmful_ids, harmful_shards=harmful_shards,
         )
+
+    def _to_device(self, x):
+        """A host tensor or batch on the training device without a blocking copy (pinned on a GPU)."""
+        device = self.accelerator.device
+        if device.type == "cuda":
+            x = x.pin_memory()
+        return x.to(device, non_blocking=True)
 
     def _restore(self) -> None:
         path = latest_checkpoint(self.checkpoints_dir)
@@ -374,9 +424,10 @@ class Trainer:
             return
         from peft import set_peft_model_state_dict
 
-        device = self.accelerator.device
-        # multi-process CPU runs have devices like cpu:1, which safetensors does not accept
-        state = read_checkpoint(path, device="cpu" if device.type == "cpu" else device)
+        # Read onto the CPU: Optimizer.load_state_dict moves the moments to their parameters' devices and
+        # leaves Adam's `step` counters where they are, on the CPU as in a fresh run (on a GPU they
+        # would cost a device read per parameter at every step of the non-capturable Adam).
+        state = read_checkpoint(path, device="cpu")
         unwrapped = self.accelerator.unwrap_model(self.model)
         set_peft_model_state_dict(unwrapped, state["adapter"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -405,6 +456,16 @@ class Trainer:
             lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
             kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= self.step]
             atomic_write_text(self.metrics_path, "".join(ln + "\n" for ln in kept))
+
+    def _read_metrics(self, micro_values: list[dict], grad_norm: Any) -> tuple[list[dict[str, float]], list[float | None]]:
+        """Host floats of the step's metrics (per micro-batch, global under several processes) and of
+        the gradient norm: one device read (crl.training.metrics)."""
+        if self.dist is None:
+            return read_values(micro_values, [grad_norm])
+        per_rank, extras = self.dist.gather_metrics(micro_values, [grad_norm])
+        additive = self.config.loss.method == "crl"
+        per_micro = [reduce_over_ranks([rank[m] for rank in per_rank], additive=additive) for m in range(len(micro_values))]
+        return per_micro, extras
 
     def _checkpoint(self) -> None:
         ranks_rng = None
@@ -450,22 +511,17 @@ class Trainer:
             bar = tqdm(total=stop_at, initial=self.step, desc=f"train {self.config.loss.method}", unit="step")
         metrics: dict[str, float] = {}
         self.model.train()
+        clock = self.loss.clock
         while self.step < stop_at:
-            started = time.perf_counter()
+            started = clock()
             progress = self.step / total
-            sums: dict[str, float] = {}
-            counts: dict[str, int] = {}
+            micro_values = []
             for micro in range(grad_accum):
                 batches = self._next_batches(micro)
                 out = self.loss(batches, progress)
                 self.accelerator.backward(out.loss / grad_accum)
-                for key, value in out.metrics.items():
-                    sums[key] = sums.get(key, 0.0) + value / grad_accum
-                    counts[key] = counts.get(key, 0) + 1
-            for key, count in counts.items():
-                if count < grad_accum:  # logged by some micro-batches only (e.g. refinement): their mean
-                    sums[key] = sums[key] * grad_accum / count
-            t_opt = time.perf_counter()
+                micro_values.append(out.values)  # device tensors, read once below
+            t_opt = clock()
             if self.dist is not None:  # the sum of the ranks' shares is the global batch's gradient
                 self.dist.all_reduce_gradients([p for p in self.model.parameters() if p.requires_grad])
             trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -478,9 +534,14 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            metrics = {"step": self.step, **sums, "lr": lr, "grad_norm": float(grad_norm)}
-            metrics["seconds_optimizer"] = time.perf_counter() - t_opt
-            metrics["seconds_per_step"] = time.perf_counter() - started
+            seconds_optimizer = clock() - t_opt
+            # The one host synchronisation of the step: every micro-batch's metrics and the gradient
+            # norm in one device read (after one all-gather under several processes).
+            per_micro, (grad_norm_value,) = self._read_metrics(micro_values, grad_norm)
+            metrics = {"step": self.step, **average_micro_batches(per_micro, grad_accum), "lr": lr,
+                       "grad_norm": grad_norm_value}
+            metrics["seconds_optimizer"] = seconds_optimizer
+            metrics["seconds_per_step"] = clock() - started
             if self.is_main:
                 with open(self.metrics_path, "a", encoding="utf-8") as handle:
                     handle.write(json.dumps(metrics) + "\n")
