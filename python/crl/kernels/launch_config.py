@@ -54,14 +54,16 @@ def default_config(d: int, k: int, shared_positive: bool, shared_negative: bool,
     """The launch configuration for rows of width d with k negatives each.
 
     `shared_positive` / `shared_negative`: the positive's / negatives' gradient is scattered into a
-    shared buffer (atomics). CUDA: two passes over d in chunks of BLOCK_D columns (see _CHUNKS);
-    at most two rows per block, since registers grow faster than the tile with BLOCK_R (the row
-    statistics are replicated across the threads of a row: four rows of a 64-wide centroid tile
-    already spill under Triton 3.6).
+    shared buffer (atomics). CUDA: two passes over d in chunks of BLOCK_D columns (see _CHUNKS),
+    also when d is narrower than a chunk (the rest is masked: narrower tiles get thread layouts that
+    spill). At most two rows per block, since registers grow faster than the tile with BLOCK_R (the
+    row statistics are replicated across the threads of a row; under Triton 3.6 four rows of a
+    64-wide centroid tile spill, and so do two rows of a 64-wide tile with both gradients scattered).
+    Every configuration this returns for d 64-8192 is compiled by scripts/kernel_aot_check.py.
     """
     bk = next_pow2(k)
-    bd_full = next_pow2(d)
     if device_type != "cuda":
+        bd_full = next_pow2(d)
         # Interpreter: few, large programs are what is fast (each op is one numpy call).
         bd = min(bd_full, 256)
         single = bd >= d
@@ -71,9 +73,9 @@ def default_config(d: int, k: int, shared_positive: bool, shared_negative: bool,
         raise ValueError(f"k: the fused kernel takes at most {MAX_KERNEL_K} negatives per row, got {k} "
                          "(use the torch backend)")
     chunk, warps = _CHUNKS[bk]
-    bd = min(bd_full, chunk)
+    bd = chunk
     tiles = 2 + bk + (1 if shared_positive else 0) + (bk if shared_negative else 0)
-    br = 2 if bd * tiles <= 1024 else 1
+    br = 2 if bd >= 128 and bd * tiles <= 1024 else 1
     return KernelConfig(block_r=br, block_d=bd, single_pass=False, num_warps=warps, programs_per_sm=4)
 
 
