@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -46,16 +47,30 @@ def _worker(pools: str, out: str, max_steps: int, resume: bool, extra: list[str]
     from crl.training.trainer import Trainer
 
     gathers = _count_all_gathers()
-    config = load_train_config(REPO / "configs" / "tiny.toml", _sets(Path(pools), extra))
-    model, tokenizer = build_tiny_llama(seed=0)
-    trainer = Trainer(config, out, resume=resume, model=model, tokenizer=tokenizer)
-    dist = trainer.dist
-    assert dist is not None and dist.world_size == 2
-    lora = [p for p in trainer.model.parameters() if p.requires_grad]
-    same_at_start = dist.parameters_equal(lora)
-    trainer.train(max_steps=max_steps)
-    same_at_end = dist.parameters_equal(lora)
-    report = {"rank": dist.rank, "same_at_start": same_at_start, "same_at_end": same_at_end, "step": trainer.step}
+    count_syncs = os.environ.get("CRL_TEST_COUNT_SYNCS") == "1"  # host synchronisations (test_host_sync.py)
+    patches = nullcontext()
+    if count_syncs:
+        from test_host_sync import count_training_syncs, on_train_device_patches
+
+        patches = on_train_device_patches()
+    with patches:
+        config = load_train_config(REPO / "configs" / "tiny.toml", _sets(Path(pools), extra))
+        model, tokenizer = build_tiny_llama(seed=0)
+        trainer = Trainer(config, out, resume=resume, model=model, tokenizer=tokenizer)
+        dist = trainer.dist
+        assert dist is not None and dist.world_size == 2
+        lora = [p for p in trainer.model.parameters() if p.requires_grad]
+        same_at_start = dist.parameters_equal(lora)
+        if count_syncs:
+            counter = count_training_syncs(trainer, max_steps)
+            syncs = {"syncs": counter.total, "sync_sites": [f"{n} x {kind} at {site}"
+                                                            for (kind, site), n in counter.sites().most_common()]}
+        else:
+            trainer.train(max_steps=max_steps)
+            syncs = {}
+        same_at_end = dist.parameters_equal(lora)
+    report = {"rank": dist.rank, "same_at_start": same_at_start, "same_at_end": same_at_end, "step": trainer.step,
+              **syncs}
     if trainer.miner is not None:
         report["bank_reused"] = trainer.miner.bank.reused
     if dist.fsdp is not None:
@@ -166,9 +181,12 @@ def pools_dir(make_toy_pools) -> Path:
 
 def test_two_processes_match_one_and_resume(tmp_path: Path, pools_dir: Path) -> None:
     """Loss trajectory of 2 ranks x 2 sequences = 1 process x 4 sequences; a 2-process run stopped at
-    step 2 and resumed (by 2 processes) equals the straight one; only rank 0 writes."""
+    step 2 and resumed (by 2 processes) equals the straight one; only rank 0 writes; each rank reads
+    the device once per optimizer step (the metrics, after their one all-gather)."""
     run_one_process(pools_dir, tmp_path / "one")
-    run_two_processes(pools_dir, tmp_path / "two")
+    reports = run_two_processes(pools_dir, tmp_path / "two", env_extra={"CRL_TEST_COUNT_SYNCS": "1"})
+    for report in reports:  # one read per optimizer step, with the metrics' all-gather (test_host_sync.py)
+        assert report["syncs"] == STEPS, report
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert_same_trajectory(one, two)
     assert two[-1]["loss_harmful"] != two[0]["loss_harmful"]  # it trained

@@ -190,6 +190,7 @@ def crl_benign_triplet(
         negative_index=negative_index,
         distance_positive=positive_distance, distance_negative=negative_distance,
         margin=margin, mix_weight=mix_weight,
+        check_indices=False,  # built here (layer of each row) or by the step (mined entries): in range
     )
 
 
@@ -223,6 +224,7 @@ def crl_harmful_triplet(
         positive_index=layer_of_row, negative_index=negative_index,
         distance_positive=positive_distance, distance_negative=negative_distance,
         margin=margin, mix_weight=mix_weight,
+        check_indices=False,  # built here (layer of each row) or by the step (mined entries): in range
     )
 
 
