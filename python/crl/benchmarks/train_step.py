@@ -95,6 +95,9 @@ def run_step_benchmark(
         total_steps = (steps + 1) * len(backends)
         config.optim.max_steps = total_steps
         trainer = Trainer(config, Path(tmp) / "run", model=model, tokenizer=tokenizer)
+        # The step does not wait for the device; for the split, each part's clock reads wait for it
+        # (on a GPU, without this, seconds_* would time the host queuing the work).
+        trainer.loss.sync_timings = True
         done = 0
         previous = os.environ.get("CRL_TRIPLET_BACKEND")
         try:
