@@ -262,3 +262,15 @@ def test_prompt_set_per_category_keeps_the_first_of_each(tmp_path):
     assert [e.prompt for e in got] == ["prompt 0", "prompt 1", "prompt 3", "prompt 5"]  # "c" is unsafe
     got = load_prompt_set(PromptSetConfig(name="s", source=str(csv), role="xstest_safe", per_category=2, limit=3))
     assert [e.prompt for e in got] == ["prompt 0", "prompt 1", "prompt 3"]
+
+
+def test_moved_judge_keys_name_their_new_place():
+    """The degeneracy thresholds live in [judge.degeneracy]; the old flat keys fail naming the new one."""
+    from crl.config import ConfigError
+    from crl.evaluation.config import eval_config_from_dict
+
+    cfg = eval_config_from_dict({"judge": {"degeneracy": {"min_compression_ratio": 0.2, "ratio_check_words": 30}}})
+    assert cfg.judge.degeneracy.min_compression_ratio == 0.2 and cfg.judge.degeneracy.ratio_check_words == 30
+    for old in ("min_compression_ratio", "min_distinct_word_ratio"):
+        with pytest.raises(ConfigError, match=rf"eval\.toml: judge\.{old}: this key is now judge\.degeneracy\.{old}"):
+            eval_config_from_dict({"judge": {old: 0.2}}, source="eval.toml")

@@ -157,6 +157,12 @@ def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
+    moved = getattr(cls, "MOVED_KEYS", {})
+    for key in unknown:
+        if key in moved:
+            prefix = where if where.endswith(": ") else f"{where}."
+            head = prefix.rsplit(": ", 1)[-1]
+            raise ConfigError(f"{prefix}{key}: this key is now {head}{moved[key]}")
     if unknown:
         raise ConfigError(
             f"{where.rstrip(': ') if where.endswith(': ') else where}: unknown key(s) {', '.join(repr(u) for u in unknown)}; expected some of: {', '.join(sorted(fields))}"
