@@ -13,7 +13,10 @@ import torch
 Distance = Literal["l2", "cosine", "l2_normalized", "mix"]
 DISTANCES: tuple[str, ...] = ("l2", "cosine", "l2_normalized", "mix")
 
-# Norms below this are treated as zero: keeps cosine and normalisation finite on zero rows.
+# Lower clamp of the *product* of the two norms in the cosine: cos = x.y / max(|x| |y|, NORM_EPS).
+# It keeps the cosine finite (and 0) on zero rows. Individual norms are not thresholded: a pair whose
+# norm product is below NORM_EPS gets x.y / NORM_EPS, i.e. its cosine scaled by |x| |y| / NORM_EPS
+# (shrunk toward 0, not set to 0). The Triton kernel clamps the same way.
 NORM_EPS = 1e-8
 
 
@@ -24,6 +27,8 @@ def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
 
 
 def cosine_similarity(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x.y / max(|x| |y|, NORM_EPS) over the last dim, in fp32: exact where |x| |y| >= NORM_EPS, 0 when
+    either row is zero, and the cosine scaled by |x| |y| / NORM_EPS in between (see NORM_EPS)."""
     x = x.float()
     y = y.float()
     dot = (x * y).sum(-1)
