@@ -288,3 +288,13 @@ def test_labelled_defended_generations_agreement():
     assert held["all"]["n"] == 148 and held["defended"]["binary_accuracy"] >= 0.68, held["defended"]
     safe = measure_generations(LABELLED_DEV.with_name("smollm2_xstest_safe.jsonl"), "combined_no_semantic")
     assert safe["all"]["n"] == 108 and safe["defended"]["binary_accuracy"] >= 0.84, safe["defended"]
+
+
+def test_judge_agreement_is_its_own_command(tmp_path, capsys):
+    """`crl judge-agreement` is a subcommand; `crl eval judge-agreement` says where it went."""
+    from crl.cli import main
+
+    assert main(["judge-agreement", "--data-dir", str(tmp_path)]) == 2  # missing XSTest files: a clear error
+    assert "judge-agreement" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="now its own command: crl judge-agreement"):
+        main(["eval", "judge-agreement"])

@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(p)
     p.set_defaults(func=run_eval_cli)
 
+    p = sub.add_parser("judge-agreement", help="agreement of a judge with human labels (XSTest) and with labelled generations")
+    from crl.evaluation import judge_agreement
+
+    judge_agreement.add_arguments(p)
+    p.set_defaults(func=judge_agreement.run)
+
     p = sub.add_parser("probe-layers", help="per-layer linear probe of the base model: which layers separate harmful from harmful-sounding safe prompts")
     from crl.evaluation import layer_probe
 

@@ -1,7 +1,7 @@
 """Evaluation: attacks x models on held-out prompts, offline judges, capability and over-refusal, report.
 
 `run_evaluation(config, output_dir)` is the entry point; `crl eval CONFIG` is its command line
-(`add_eval_arguments` / `run_eval_cli`), and `crl eval judge-agreement` measures the default judge
+(`add_eval_arguments` / `run_eval_cli`), and `crl judge-agreement` measures the default judge
 against XSTest's human labels (crl.evaluation.judge_agreement).
 """
 
@@ -23,27 +23,19 @@ def run_evaluation(config: EvalConfig, output_dir: Path, *, progress: bool = Tru
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """`crl eval CONFIG [--set K=V] [--output-dir DIR] [--no-progress] [--report-only] [--rejudge]` and
-    `crl eval judge-agreement [...]`."""
-    parser.add_argument("config", help="evaluation config (TOML or YAML), or 'judge-agreement' to measure the judge on XSTest")
+    """`crl eval CONFIG [--set K=V] [--output-dir DIR] [--no-progress] [--report-only] [--rejudge]`."""
+    parser.add_argument("config", help="evaluation config (TOML or YAML)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (dotted keys into tables), e.g. judge.kind=refusal_string or max_new_tokens=32")
     parser.add_argument("--output-dir", type=Path, default=None, help="output folder (default: results/CONFIG_NAME); rerunning resumes")
     parser.add_argument("--no-progress", action="store_true", help="no progress output")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report from the records already there")
     parser.add_argument("--rejudge", action="store_true",
                         help="judge the stored generations again with the configured judges (after a judge changed), then resume")
-    from crl.evaluation.judge_agreement import add_arguments as _ja_args
-
-    group = parser.add_argument_group("judge-agreement (with CONFIG = judge-agreement)")
-    # the judge-agreement options share the parser; their defaults are harmless for a normal run
-    _ja_args(group)  # type: ignore[arg-type]
 
 
 def run_eval_cli(args: argparse.Namespace) -> int:
     if args.config == "judge-agreement":
-        from crl.evaluation.judge_agreement import run as _ja_run
-
-        return _ja_run(args)
+        raise SystemExit("crl judge-agreement is now its own command: crl judge-agreement")
     output_dir = args.output_dir or Path("results") / Path(args.config).stem
     config = load_eval_config(args.config, args.set)
     if args.rejudge and args.report_only:

@@ -9,7 +9,7 @@ refusal / partial refusal) is reported too.
 
 The rows are split by position into a development half (even rows, the only half looked at while
 the refusal patterns were written) and a held-out half (odd rows); the report gives both and the
-whole. CLI: ``crl eval judge-agreement [--data-dir DIR] [--judge combined] [--output FILE]
+whole. CLI: ``crl judge-agreement [--data-dir DIR] [--judge combined] [--output FILE]
 [--perplexity-model smollm2]``.
 
 With ``--perplexity-model`` the coherence judge also scores each completion's perplexity under that
@@ -317,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="crl eval judge-agreement", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="crl judge-agreement", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
