@@ -28,7 +28,7 @@ from torch import nn
 
 from crl.attacks.base import (DEFAULT_TARGET, AttackPrompt, AttackResult, Timer, build_layout, greedy_from_ids,
                               model_device, progress_iter, target_loss_from_logits)
-from crl.models import _first_tensor  # the one reader of a decoder layer's output
+from crl.models import first_tensor  # the one reader of a decoder layer's output
 
 
 def _replace_first(output: Any, new: torch.Tensor) -> Any:
@@ -186,7 +186,7 @@ class ResidualPerturbation(nn.Module):
             handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
         else:
             def hook(mod, args, output):
-                return _replace_first(output, self(_first_tensor(output)))
+                return _replace_first(output, self(first_tensor(output)))
 
             handle = module.register_forward_hook(hook)
         try:
