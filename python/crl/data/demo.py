@@ -17,7 +17,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from crl.data.formats import Example, _example_from_record
+from crl.data.formats import Example, example_from_record
 
 __all__ = ["DEMO_KINDS", "DEMO_SPLITS", "demo_path", "load_demo"]
 
@@ -45,7 +45,7 @@ def load_demo(kind: str, split: str = "all") -> list[Example]:
     for lineno, line in enumerate(res.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
-        ex = _example_from_record(json.loads(line), name, lineno, "crl-demo")
+        ex = example_from_record(json.loads(line), name, lineno, "crl-demo")
         if split == "all" or ex.split == split:
             out.append(ex)
     return out

@@ -17,6 +17,7 @@ __all__ = [
     "Example",
     "append_jsonl",
     "detect_format",
+    "example_from_record",
     "load_examples",
     "read_jsonl_records",
     "write_jsonl",
@@ -121,7 +122,7 @@ def _opt_str(rec: dict[str, Any], key: str, path: Path, where: str) -> str | Non
     return value
 
 
-def _example_from_record(rec: Any, path: Path, lineno: int, source: str) -> Example:
+def example_from_record(rec: Any, path: Path, lineno: int, source: str) -> Example:
     where = f"line {lineno}"
     if not isinstance(rec, dict):
         raise _err(path, where, None, "each line must be a JSON object")
@@ -190,7 +191,7 @@ def _load_jsonl(path: Path, source: str) -> list[Example]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise _err(path, f"line {lineno}", None, f"invalid JSON ({e.msg} at column {e.colno})") from None
-            examples.append(_example_from_record(rec, path, lineno, source))
+            examples.append(example_from_record(rec, path, lineno, source))
     return examples
 
 

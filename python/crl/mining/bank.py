@@ -36,6 +36,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from crl.mining.index import to_float32
+
 BANK_FORMAT = 1
 _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -110,19 +112,13 @@ class FrozenBank:
         if rows.shape[0] != len(layers):
             raise ValueError(f"rows: expected one slice per layer ({len(layers)}), got {rows.shape}")
         out = [
-            _to_float32(self.vectors[self.layers.index(l)][np.maximum(rows[i], 0).reshape(-1)], self.dtype)
+            to_float32(self.vectors[self.layers.index(l)][np.maximum(rows[i], 0).reshape(-1)], self.dtype)
             for i, l in enumerate(layers)
         ]
         return torch.from_numpy(np.stack(out).reshape(*rows.shape, self.dim))
 
 
-def _to_float32(x: np.ndarray, dtype: str) -> np.ndarray:
-    from crl.mining.index import to_float32
-
-    return to_float32(x, dtype)
-
-
-def _torch_to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
+def torch_to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
     y = x.detach().to("cpu", _TORCH_DTYPES[dtype])
     return (y.view(torch.int16) if dtype == "bfloat16" else y).numpy()
 
@@ -289,7 +285,7 @@ def _bank_meta(key, layers, dtype, size, pooling, model_hash, data_hash, seed, e
 
 def _pooled_batch(model, make_batch, chosen, rows, layers, dtype) -> np.ndarray:
     ids, mask, sel = make_batch([int(chosen[j]) for j in rows])
-    return _torch_to_storage(pooled_states(model, ids, mask, sel, layers), dtype)  # [L, b, d]
+    return torch_to_storage(pooled_states(model, ids, mask, sel, layers), dtype)  # [L, b, d]
 
 
 def _write_bank(model, encoded, make_batch, chosen, batches, layers, dtype, root, key, pooling,
@@ -447,5 +443,5 @@ class TrainedQueue:
 
 __all__ = [
     "FrozenBank", "TrainedQueue", "bank_key", "build_or_load_bank", "data_fingerprint", "default_bank_root",
-    "model_fingerprint", "open_bank", "pooled_states", "storage_to_torch",
+    "model_fingerprint", "open_bank", "pooled_states", "storage_to_torch", "torch_to_storage",
 ]

@@ -34,8 +34,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from crl.mining.bank import FrozenBank, TrainedQueue, _to_float32, _torch_to_storage
-from crl.mining.index import IndexParams, NegativeIndex, bank_nbytes, make_index
+from crl.mining.bank import FrozenBank, TrainedQueue, torch_to_storage
+from crl.mining.index import IndexParams, NegativeIndex, bank_nbytes, make_index, to_float32
 
 
 @dataclass
@@ -122,7 +122,7 @@ class HardNegativeMiner:
     def _layer_mean(array: np.ndarray, dtype: str, chunk: int = 65536) -> np.ndarray:
         total = np.zeros(array.shape[1], dtype=np.float64)
         for start in range(0, array.shape[0], chunk):  # chunked: the bank may be memory-mapped
-            total += _to_float32(np.asarray(array[start : start + chunk]), dtype).sum(axis=0, dtype=np.float64)
+            total += to_float32(np.asarray(array[start : start + chunk]), dtype).sum(axis=0, dtype=np.float64)
         return (total / max(array.shape[0], 1)).astype(np.float32)
 
     def _centred(self, array: np.ndarray, layer: int, dtype: str, chunk: int = 65536) -> np.ndarray:
@@ -131,7 +131,7 @@ class HardNegativeMiner:
             return array
         c = self.centers[layer]
         parts = [
-            _torch_to_storage(torch.from_numpy(_to_float32(np.asarray(array[i : i + chunk]), dtype) - c), dtype)
+            torch_to_storage(torch.from_numpy(to_float32(np.asarray(array[i : i + chunk]), dtype) - c), dtype)
             for i in range(0, array.shape[0], chunk)
         ]
         return np.ascontiguousarray(np.concatenate(parts) if parts else array.copy())
