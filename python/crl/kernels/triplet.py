@@ -166,19 +166,32 @@ def _launch(anchors, positives, negatives, positive_index, negative_index, weigh
     grid, iters = _num_programs(n_blocks, device, cfg)
     partials = torch.empty((grid, 4), device=device, dtype=torch.float32)
 
-    mod = _kernels()
-    interpret = mod.INTERPRETED
-    if device.type != "cuda" and not interpret:
-        raise RuntimeError(
-            "the Triton triplet kernel got CPU tensors but triton was imported without its interpreter: "
-            "set TRITON_INTERPRET=1 before triton is first imported (or use CRL_TRIPLET_BACKEND=torch)"
-        )
     constexprs = kernel_constexprs(
         d=d, k=k, distance_positive=opts.distance_positive, distance_negative=opts.distance_negative,
         has_positive_index=pidx is not None, has_negative_index=nidx is not None, has_weights=w is not None,
         need_ga=opts.need_ga, need_gp=opts.need_gp, need_gn=opts.need_gn, per_sample_negatives=per_sample,
         config=cfg,
     )
+    _run_kernel(grid, iters, cfg, constexprs, a=a, p=p, n=n, pidx=pidx, nidx=nidx, w=w, scale=scale,
+                ga=ga, gp=gp, gn=gn, partials=partials, margin=opts.margin, mix_weight=opts.mix_weight)
+    sums = partials.sum(0)  # [4]: weighted loss, active, positive distance, negative distance
+    loss = sums[0] * scale[0]
+    stats = sums[1:] / denom
+    return loss, stats[0], stats[1], stats[2], ga, gp, gn
+
+
+def _run_kernel(grid: int, iters: int, cfg: KernelConfig, constexprs: dict, *, a, p, n, pidx, nidx, w, scale,
+                ga, gp, gn, partials, margin: float, mix_weight: float) -> None:
+    """Launch `triplet_fwd_kernel` (compiled on CUDA, interpreted on the CPU), every argument by keyword."""
+    mod = _kernels()
+    interpret = mod.INTERPRETED
+    if a.device.type != "cuda" and not interpret:
+        raise RuntimeError(
+            "the Triton triplet kernel got CPU tensors but triton was imported without its interpreter: "
+            "set TRITON_INTERPRET=1 before triton is first imported (or use CRL_TRIPLET_BACKEND=torch)"
+        )
+    rows, d = a.shape
+    per_sample = n.dim() == 3
     unused = a  # any pointer: the kernel never reads an input that its constexprs switch off
     with _interpret_env(interpret) if interpret else contextlib.nullcontext():
         mod.triplet_fwd_kernel[(grid,)](
@@ -191,21 +204,17 @@ def _launch(anchors, positives, negatives, positive_index, negative_index, weigh
             gp_ptr=gp if gp is not None else unused,
             gn_ptr=gn if gn is not None else unused,
             part_ptr=partials,
-            R=rows, D=d, K=k, ITERS=iters,
+            R=rows, D=d, K=n.shape[1] if per_sample else 1, ITERS=iters,
             stride_a=a.stride(0), stride_p=p.stride(0),
             stride_ns=n.stride(0), stride_nk=n.stride(1) if per_sample else 0,
             stride_ga=ga.stride(0) if ga is not None else 0,
             stride_gp=gp.stride(0) if gp is not None else 0,
             stride_gns=gn.stride(0) if gn is not None else 0,
             stride_gnk=gn.stride(1) if (gn is not None and per_sample) else 0,
-            margin=float(opts.margin), mix_weight=float(opts.mix_weight),
+            margin=float(margin), mix_weight=float(mix_weight),
             num_warps=cfg.num_warps,
             **constexprs,
         )
-    sums = partials.sum(0)  # [4]: weighted loss, active, positive distance, negative distance
-    loss = sums[0] * scale[0]
-    stats = sums[1:] / denom
-    return loss, stats[0], stats[1], stats[2], ga, gp, gn
 
 
 class _TripletLossFunction(torch.autograd.Function):
