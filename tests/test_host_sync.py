@@ -18,7 +18,6 @@ perturbation is optimised, one read of the clean states' scale (Adam's learning 
 
 from __future__ import annotations
 
-import inspect
 import traceback
 from collections import Counter
 from contextlib import contextmanager
@@ -45,15 +44,6 @@ _DATA_DEPENDENT = {T.nonzero, T.argwhere, T.masked_select, T.unique, T.unique_co
                    torch.nonzero, torch.argwhere, torch.masked_select, torch.unique, torch.unique_consecutive,
                    torch.bincount, torch.is_nonzero, torch.equal, torch.allclose}
 _FROM_HOST_DATA = {torch.tensor, torch.as_tensor, T.new_tensor}
-
-# The triplet loss's index range check (crl/losses/triplet.py, another engineer's) reads the index on
-# the host until the loss takes a `check_indices` keyword that crl's own callers switch off.
-try:
-    from crl.kernels import triplet_loss as _triplet_loss
-
-    TRIPLET_CHECK_PENDING = "check_indices" not in inspect.signature(_triplet_loss).parameters
-except Exception:  # pragma: no cover
-    TRIPLET_CHECK_PENDING = True
 
 
 def _marked(x) -> bool:
@@ -142,8 +132,6 @@ class DeviceSyncCounter(TorchFunctionMode):
         if frames:
             f = frames[-1]
             site = f"{f.filename.split('/crl/')[-1].split('/tests/')[-1]}:{f.lineno} ({f.name})"
-        if TRIPLET_CHECK_PENDING and "losses/triplet.py" in site and "_check_index" in site:
-            return
         self.events.append((kind, site))
 
     @property

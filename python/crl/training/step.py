@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,6 @@ import torch
 from crl.data import Batch
 from crl.losses.objectives import (
     LayerFrame,
-    LayerRows,
     RowIndex,
     circuit_breaker_terms,
     crl_benign_triplet,

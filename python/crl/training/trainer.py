@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
