@@ -95,8 +95,6 @@ def build_pools(
     into ``out_dir`` (see the module docstring). Empty generations are left out of the pools (counted
     in ``summary.json``). ``stop_after`` stops after that many new generations by raising
     :class:`BuildStopped` (the progress is kept; a rerun resumes)."""
-    from crl.generation import generate
-
     if refusal_source not in ("templates", "model"):
         raise ValueError(f"refusal_source must be 'templates' or 'model', got {refusal_source!r}")
     _check_ids(harmful_prompts, "harmful")
@@ -112,35 +110,57 @@ def build_pools(
         "refusal_system_prompt": refusal_system_prompt if refusal_source == "model" else None,
         "system_prompt": system_prompt,
     }
-    meta_path = out / META_FILE
-    if meta_path.is_file():
-        old = json.loads(meta_path.read_text())
-        diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
-        if diff:
-            details = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(
-                f"{out} holds a build made with other settings ({details}); use a new --out folder "
-                "or delete the old one"
-            )
-    else:
-        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-
+    _check_build_settings(out, meta)
     gen_path = out / GENERATIONS_FILE
-    done: dict[tuple[str, str], str] = {}
-    if gen_path.is_file():
-        records = read_jsonl_records(gen_path, tolerate_partial_last_line=True)
-        for rec in records:
-            done[(rec["kind"], rec["id"])] = rec["text"]
-        # drop a partial last line left by a crash so that appends start on a fresh line
-        raw = gen_path.read_bytes()
-        if raw and not raw.endswith(b"\n"):
-            gen_path.write_bytes(raw[: raw.rfind(b"\n") + 1])
-
-    # (kind, example, system prompt) of the items still to generate
+    done = _read_generations(gen_path)
     jobs: list[tuple[str, Example]] = [("harmful", h) for h in harmful_prompts if ("harmful", h.id) not in done]
     jobs += [("benign", b) for b in benign_prompts if ("benign", b.id) not in done]
     if refusal_source == "model":
         jobs += [("refusal", h) for h in harmful_prompts if ("refusal", h.id) not in done]
+    system_prompts = {"harmful": system_prompt, "benign": system_prompt, "refusal": refusal_system_prompt}
+    _generate(model, tokenizer, jobs, done, gen_path, system_prompts, max_new_tokens=max_new_tokens,
+              batch_size=batch_size, progress=progress, stop_after=stop_after)
+    pools, dropped = _assemble_pools(harmful_prompts, benign_prompts, done, refusal_source, seed)
+    save_pools(pools, out)
+    summary = {"sizes": pools.sizes(), "empty_generations_dropped": dropped, **meta}
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return pools
+
+
+def _check_build_settings(out: Path, meta: dict) -> None:
+    """Record the build's settings in a new folder; refuse a folder built with other settings."""
+    meta_path = out / META_FILE
+    if not meta_path.is_file():
+        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+        return
+    old = json.loads(meta_path.read_text())
+    diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
+    if diff:
+        details = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(
+            f"{out} holds a build made with other settings ({details}); use a new --out folder "
+            "or delete the old one"
+        )
+
+
+def _read_generations(gen_path: Path) -> dict[tuple[str, str], str]:
+    """The generations already made, by (kind, example id); a partial last line (a crash) is cut off
+    so that appends start on a fresh line."""
+    done: dict[tuple[str, str], str] = {}
+    if gen_path.is_file():
+        for rec in read_jsonl_records(gen_path, tolerate_partial_last_line=True):
+            done[(rec["kind"], rec["id"])] = rec["text"]
+        raw = gen_path.read_bytes()
+        if raw and not raw.endswith(b"\n"):
+            gen_path.write_bytes(raw[: raw.rfind(b"\n") + 1])
+    return done
+
+
+def _generate(model, tokenizer, jobs: list[tuple[str, Example]], done: dict[tuple[str, str], str], gen_path: Path,
+              system_prompts: dict[str, str | None], *, max_new_tokens: int, batch_size: int, progress: bool,
+              stop_after: int | None) -> None:
+    """Generate the (kind, example) jobs, appending each batch to `gen_path` and to `done`."""
+    from crl.generation import generate
 
     bar = None
     if progress and jobs:
@@ -153,7 +173,6 @@ def build_pools(
             pending = [ex for k, ex in jobs if k == kind]
             # longest prompts first: batches of similar lengths, and the slowest batches early
             pending.sort(key=lambda ex: (-len(ex.prompt), ex.id))
-            sys_prompt = refusal_system_prompt if kind == "refusal" else system_prompt
             for start in range(0, len(pending), batch_size):
                 chunk = pending[start : start + batch_size]
                 if stop_after is not None:
@@ -161,14 +180,8 @@ def build_pools(
                     if room <= 0:
                         raise BuildStopped(generated, len(jobs) - generated)
                     chunk = chunk[:room]
-                texts = generate(
-                    model,
-                    tokenizer,
-                    [ex.prompt_messages for ex in chunk],
-                    max_new_tokens=max_new_tokens,
-                    batch_size=len(chunk),
-                    system_prompt=sys_prompt,
-                )
+                texts = generate(model, tokenizer, [ex.prompt_messages for ex in chunk], max_new_tokens=max_new_tokens,
+                                 batch_size=len(chunk), system_prompt=system_prompts[kind])
                 recs = [{"kind": kind, "id": ex.id, "text": t} for ex, t in zip(chunk, texts)]
                 append_jsonl(gen_path, recs)
                 for r in recs:
@@ -182,6 +195,11 @@ def build_pools(
         if bar is not None:
             bar.close()
 
+
+def _assemble_pools(harmful_prompts: list[Example], benign_prompts: list[Example], done: dict[tuple[str, str], str],
+                    refusal_source: str, seed: int) -> tuple[Pools, dict[str, int]]:
+    """The pools from the generations (empty ones left out and counted), with a refusal of every
+    harmful prompt in the benign pool."""
     pools = Pools()
     dropped = {"harmful": 0, "benign": 0, "refusal": 0}
     for h in harmful_prompts:
@@ -207,10 +225,7 @@ def build_pools(
         else:
             text = refusal_for(h.prompt, random.Random(f"{seed}:{h.id}"))
         pools.benign.append(h.with_response(text, id=f"{h.id}:refusal", label="refusal", target=None))
-    save_pools(pools, out)
-    summary = {"sizes": pools.sizes(), "empty_generations_dropped": dropped, **meta}
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    return pools
+    return pools, dropped
 
 
 # --------------------------------------------------------------------------------------------------
