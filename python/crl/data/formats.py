@@ -271,70 +271,67 @@ def load_examples(path: str | Path, *, format: str = "auto") -> list[Example]:
     if fmt == "jsonl":
         return _load_jsonl(path, source)
     header, rows = _read_csv(path)
-    out: list[Example] = []
-    if fmt == "advbench":
-        _require(path, header, ["goal", "target"], "AdvBench")
-        for i, (ln, row) in enumerate(rows):
-            goal = _nonempty(path, i, ln, row, "goal")
-            target = row.get("target", "").strip() or None
-            ex = Example.from_prompt(f"advbench-{i:04d}", goal, target, source="advbench", label="harmful")
-            ex.target = target
-            out.append(ex)
-    elif fmt == "harmbench":
-        _require(path, header, ["Behavior"], "HarmBench")
-        for i, (ln, row) in enumerate(rows):
-            behavior = _nonempty(path, i, ln, row, "Behavior")
-            context = row.get("ContextString", "").strip()
-            prompt = f"{context}\n\n---\n\n{behavior}" if context else behavior
-            ex_id = row.get("BehaviorID", "").strip() or f"harmbench-{i:04d}"
-            meta = {k: row[k] for k in ("FunctionalCategory", "Tags") if row.get(k)}
-            out.append(
-                Example.from_prompt(
-                    ex_id,
-                    prompt,
-                    source="harmbench",
-                    category=row.get("SemanticCategory", "").strip() or None,
-                    label="harmful",
-                    meta=meta,
-                )
-            )
-    elif fmt == "xstest":
-        _require(path, header, ["prompt", "type"], "XSTest")
-        for i, (ln, row) in enumerate(rows):
-            prompt = _nonempty(path, i, ln, row, "prompt")
-            raw_id = row.get("id", "").strip() or str(i + 1)
-            label = row.get("label", "").strip() or None
-            if label is None and row.get("type"):
-                label = "unsafe" if row["type"].startswith("contrast_") else "safe"
-            response = row.get("completion") if "completion" in header else None
-            meta = {k: row[k] for k in ("focus", "note", "final_label", "gpt4_label") if row.get(k)}
-            out.append(
-                Example.from_prompt(
-                    raw_id if raw_id.startswith("v2-") else f"xstest-{raw_id}",
-                    prompt,
-                    response,
-                    source="xstest",
-                    category=row.get("type", "").strip() or None,
-                    label=label,
-                    meta=meta,
-                )
-            )
-    elif fmt == "csv":
-        _require(path, header, ["prompt"], "prompt CSV")
-        for i, (ln, row) in enumerate(rows):
-            prompt = _nonempty(path, i, ln, row, "prompt")
-            response = row.get("response") if "response" in header else None
-            out.append(
-                Example.from_prompt(
-                    row.get("id", "").strip() or f"{source}-{i:04d}",
-                    prompt,
-                    response,
-                    source=source,
-                    category=row.get("category", "").strip() or None,
-                    label=row.get("label", "").strip() or None,
-                )
-            )
+    return _CSV_READERS[fmt](path, header, rows, source)
+
+
+def _advbench_rows(path: Path, header: list[str], rows: list, source: str) -> list[Example]:
+    _require(path, header, ["goal", "target"], "AdvBench")
+    out = []
+    for i, (ln, row) in enumerate(rows):
+        goal = _nonempty(path, i, ln, row, "goal")
+        target = row.get("target", "").strip() or None
+        ex = Example.from_prompt(f"advbench-{i:04d}", goal, target, source="advbench", label="harmful")
+        ex.target = target
+        out.append(ex)
     return out
+
+
+def _harmbench_rows(path: Path, header: list[str], rows: list, source: str) -> list[Example]:
+    _require(path, header, ["Behavior"], "HarmBench")
+    out = []
+    for i, (ln, row) in enumerate(rows):
+        behavior = _nonempty(path, i, ln, row, "Behavior")
+        context = row.get("ContextString", "").strip()
+        prompt = f"{context}\n\n---\n\n{behavior}" if context else behavior
+        ex_id = row.get("BehaviorID", "").strip() or f"harmbench-{i:04d}"
+        meta = {k: row[k] for k in ("FunctionalCategory", "Tags") if row.get(k)}
+        out.append(Example.from_prompt(ex_id, prompt, source="harmbench",
+                                       category=row.get("SemanticCategory", "").strip() or None, label="harmful",
+                                       meta=meta))
+    return out
+
+
+def _xstest_rows(path: Path, header: list[str], rows: list, source: str) -> list[Example]:
+    _require(path, header, ["prompt", "type"], "XSTest")
+    out = []
+    for i, (ln, row) in enumerate(rows):
+        prompt = _nonempty(path, i, ln, row, "prompt")
+        raw_id = row.get("id", "").strip() or str(i + 1)
+        label = row.get("label", "").strip() or None
+        if label is None and row.get("type"):
+            label = "unsafe" if row["type"].startswith("contrast_") else "safe"
+        response = row.get("completion") if "completion" in header else None
+        meta = {k: row[k] for k in ("focus", "note", "final_label", "gpt4_label") if row.get(k)}
+        out.append(Example.from_prompt(raw_id if raw_id.startswith("v2-") else f"xstest-{raw_id}", prompt, response,
+                                       source="xstest", category=row.get("type", "").strip() or None, label=label,
+                                       meta=meta))
+    return out
+
+
+def _prompt_csv_rows(path: Path, header: list[str], rows: list, source: str) -> list[Example]:
+    _require(path, header, ["prompt"], "prompt CSV")
+    out = []
+    for i, (ln, row) in enumerate(rows):
+        prompt = _nonempty(path, i, ln, row, "prompt")
+        response = row.get("response") if "response" in header else None
+        out.append(Example.from_prompt(row.get("id", "").strip() or f"{source}-{i:04d}", prompt, response,
+                                       source=source, category=row.get("category", "").strip() or None,
+                                       label=row.get("label", "").strip() or None))
+    return out
+
+
+#: The CSV formats of `load_examples`, by name.
+_CSV_READERS = {"advbench": _advbench_rows, "harmbench": _harmbench_rows, "xstest": _xstest_rows, "csv": _prompt_csv_rows}
 
 
 def write_jsonl(path: str | Path, examples: Iterable[Example | dict[str, Any]]) -> Path:
