@@ -131,91 +131,110 @@ def markdown_table(summary: dict[str, Any]) -> str:
 
 
 def _plots(output_dir: Path, summary: dict[str, Any], records: Sequence[dict[str, Any]]) -> list[str]:
+    """Write asr.png, attack_loss.png and pca.png where there is data for them; returns their names."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     written = []
-    models = list(summary["models"])
-    attacks = summary["attacks"]
-    if models and attacks:
-        fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(attacks) * max(1, len(models)) / 2 + 2), 3.6))
-        width = 0.8 / max(1, len(models))
-        for i, m in enumerate(models):
-            xs, ys, lo, hi = [], [], [], []
-            for j, a in enumerate(attacks):
-                x = summary["models"][m]["attacks"].get(a)
-                if not x:
-                    continue
-                xs.append(j + i * width)
-                ys.append(x["asr"])
-                lo.append(max(0.0, x["asr"] - x["ci95"][0]))
-                hi.append(max(0.0, x["ci95"][1] - x["asr"]))
-            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=f"{m} ({summary['models'][m]['method']})")
-        ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(attacks))])
-        ax.set_xticklabels(attacks, rotation=20, ha="right")
-        ax.set_ylim(0, 1.05)
-        ax.set_ylabel("attack success rate")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(output_dir / "asr.png", dpi=120)
-        plt.close(fig)
-        written.append("asr.png")
+    for name, plot in (("asr.png", _plot_asr), ("attack_loss.png", _plot_attack_loss), ("pca.png", _plot_pca)):
+        fig = plot(plt, output_dir, summary, records)
+        if fig is not None:
+            fig.tight_layout()
+            fig.savefig(output_dir / name, dpi=120)
+            plt.close(fig)
+            written.append(name)
+    return written
+
+
+def _plot_asr(plt: Any, output_dir: Path, summary: dict[str, Any], records: Sequence[dict[str, Any]]) -> Any:
+    """Attack success rate per attack and model, with Wilson 95% intervals."""
+    models, attacks = list(summary["models"]), summary["attacks"]
+    if not (models and attacks):
+        return None
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(attacks) * max(1, len(models)) / 2 + 2), 3.6))
+    width = 0.8 / max(1, len(models))
+    for i, m in enumerate(models):
+        xs, ys, lo, hi = [], [], [], []
+        for j, a in enumerate(attacks):
+            x = summary["models"][m]["attacks"].get(a)
+            if not x:
+                continue
+            xs.append(j + i * width)
+            ys.append(x["asr"])
+            lo.append(max(0.0, x["asr"] - x["ci95"][0]))
+            hi.append(max(0.0, x["ci95"][1] - x["asr"]))
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=f"{m} ({summary['models'][m]['method']})")
+    ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(attacks))])
+    ax.set_xticklabels(attacks, rotation=20, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("attack success rate")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _plot_attack_loss(plt: Any, output_dir: Path, summary: dict[str, Any], records: Sequence[dict[str, Any]]) -> Any:
+    """The optimisation attacks' mean target loss per step and model."""
+    import numpy as np
+
     curves = defaultdict(list)
     for r in records:
         if r.get("purpose", "attack") == "attack" and r.get("loss_curve"):
             curves[(r["attack"], r["model"])].append(r["loss_curve"])
     opt_attacks = sorted({a for a, _ in curves})
-    if opt_attacks:
-        fig, axes = plt.subplots(1, len(opt_attacks), figsize=(4.2 * len(opt_attacks), 3.4), squeeze=False)
-        for ax, a in zip(axes[0], opt_attacks):
-            for m in models:
-                cs = curves.get((a, m))
-                if not cs:
-                    continue
-                L = max(len(c) for c in cs)
-                # a curve that stopped early keeps its last value
-                arr = np.array([c + [c[-1]] * (L - len(c)) for c in cs], dtype=float)
-                ax.plot(arr.mean(0), label=m)
-            ax.set_title(a)
-            ax.set_xlabel("step")
-            ax.set_ylabel("target cross-entropy (mean over prompts)")
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(output_dir / "attack_loss.png", dpi=120)
-        plt.close(fig)
-        written.append("attack_loss.png")
+    if not opt_attacks:
+        return None
+    fig, axes = plt.subplots(1, len(opt_attacks), figsize=(4.2 * len(opt_attacks), 3.4), squeeze=False)
+    for ax, a in zip(axes[0], opt_attacks):
+        for m in summary["models"]:
+            cs = curves.get((a, m))
+            if not cs:
+                continue
+            L = max(len(c) for c in cs)
+            # a curve that stopped early keeps its last value
+            arr = np.array([c + [c[-1]] * (L - len(c)) for c in cs], dtype=float)
+            ax.plot(arr.mean(0), label=m)
+        ax.set_title(a)
+        ax.set_xlabel("step")
+        ax.set_ylabel("target cross-entropy (mean over prompts)")
+        ax.legend(fontsize=8)
+    return fig
+
+
+def _plot_pca(plt: Any, output_dir: Path, summary: dict[str, Any], records: Sequence[dict[str, Any]]) -> Any:
+    """Benign and harmful prompts' pooled states per model, in the base model's first two principal
+    components."""
+    import numpy as np
+
     hs_path = output_dir / "hidden_states.npz"
-    if hs_path.is_file():
-        data = dict(np.load(hs_path))
-        keys = [k.split("|") for k in data]
-        hs_models = [m for m in models if any(k[0] == m for k in keys)] or sorted({k[0] for k in keys})
-        if "base" not in hs_models and any(k[0] == "base" for k in keys):
-            hs_models = ["base"] + hs_models
-        base_keys = [k for k in data if k.startswith("base|")]
-        if base_keys:
-            fit = np.concatenate([data[k] for k in base_keys])
-            mu = fit.mean(0)
-            _, _, vt = np.linalg.svd(fit - mu, full_matrices=False)
-            comp = vt[:2].T
-            layer = base_keys[0].split("|")[2]
-            fig, axes = plt.subplots(1, len(hs_models), figsize=(4 * len(hs_models), 3.6), squeeze=False)
-            for ax, m in zip(axes[0], hs_models):
-                for role, colour in (("benign", "tab:blue"), ("harmful", "tab:red")):
-                    k = f"{m}|{role}|{layer}"
-                    if k in data:
-                        p = (data[k] - mu) @ comp
-                        ax.scatter(p[:, 0], p[:, 1], s=12, c=colour, label=role, alpha=0.7)
-                ax.set_title(f"{m} (hidden state {layer})")
-                ax.legend(fontsize=8)
-            fig.suptitle("PCA fitted on the base model's states; mean over prompt tokens", fontsize=9)
-            fig.tight_layout()
-            fig.savefig(output_dir / "pca.png", dpi=120)
-            plt.close(fig)
-            written.append("pca.png")
-    return written
+    if not hs_path.is_file():
+        return None
+    data = dict(np.load(hs_path))
+    keys = [k.split("|") for k in data]
+    models = list(summary["models"])
+    hs_models = [m for m in models if any(k[0] == m for k in keys)] or sorted({k[0] for k in keys})
+    if "base" not in hs_models and any(k[0] == "base" for k in keys):
+        hs_models = ["base"] + hs_models
+    base_keys = [k for k in data if k.startswith("base|")]
+    if not base_keys:
+        return None
+    fit = np.concatenate([data[k] for k in base_keys])
+    mu = fit.mean(0)
+    _, _, vt = np.linalg.svd(fit - mu, full_matrices=False)
+    comp = vt[:2].T
+    layer = base_keys[0].split("|")[2]
+    fig, axes = plt.subplots(1, len(hs_models), figsize=(4 * len(hs_models), 3.6), squeeze=False)
+    for ax, m in zip(axes[0], hs_models):
+        for role, colour in (("benign", "tab:blue"), ("harmful", "tab:red")):
+            k = f"{m}|{role}|{layer}"
+            if k in data:
+                proj = (data[k] - mu) @ comp
+                ax.scatter(proj[:, 0], proj[:, 1], s=12, c=colour, label=role, alpha=0.7)
+        ax.set_title(f"{m} (hidden state {layer})")
+        ax.legend(fontsize=8)
+    fig.suptitle("PCA fitted on the base model's states; mean over prompt tokens", fontsize=9)
+    return fig
 
 
 def write_report(output_dir: Path, *, config: Any = None, plots: bool | None = None) -> dict[str, Any]:
