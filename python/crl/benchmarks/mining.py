@@ -126,7 +126,8 @@ def _set_numpy_threads(threads: int):
 
 
 def build_backends(case: Case, k: int, threads: int, want: set[str] | None, rng: np.random.Generator):
-    """Data and one callable per backend (each returns (scores, ids))."""
+    """Data and one callable per backend (each returns (scores, ids)), with the bytes per bank element
+    each one reads."""
     from crl import _native
 
     L, Q, N, d = case.banks, case.q, case.n, case.d
@@ -134,84 +135,85 @@ def build_backends(case: Case, k: int, threads: int, want: set[str] | None, rng:
     bs = [rng.standard_normal((N, d), dtype=np.float32) for _ in range(L)]
     qb = [_bf16_bits(x) for x in qs]
     bb = [_bf16_bits(x) for x in bs]
-    fns: dict[str, Callable] = {}
-    bytes_per = {}
-
-    def add(name, fn, elem_bytes):
-        if want is None or name in want:
-            fns[name] = fn
-            bytes_per[name] = elem_bytes
-
+    candidates: list[tuple[str, Callable, int]] = []
     if L == 1:
-        add("crl-fp32", lambda: _native.search(qs[0], bs[0], k, threads=threads), 4)
-        add("crl-bf16", lambda: _native.search(qb[0], bb[0], k, threads=threads), 2)
+        candidates += [("crl-fp32", lambda: _native.search(qs[0], bs[0], k, threads=threads), 4),
+                       ("crl-bf16", lambda: _native.search(qb[0], bb[0], k, threads=threads), 2)]
     else:
-        add("crl-fp32", lambda: _native.search_many(qs, bs, k, threads=threads), 4)
-        add("crl-bf16", lambda: _native.search_many(qb, bb, k, threads=threads), 2)
+        candidates += [("crl-fp32", lambda: _native.search_many(qs, bs, k, threads=threads), 4),
+                       ("crl-bf16", lambda: _native.search_many(qb, bb, k, threads=threads), 2)]
+    candidates += _faiss_backends(qs, bs, k, threads)
+    candidates.append(("numpy", _numpy_backend(qs, bs, k), 4))
+    candidates += _torch_backends(qs, bs, k, threads, bf16=want is None or "torch-bf16" in want)
+    chosen = [(name, fn, size) for name, fn, size in candidates if want is None or name in want]
+    return {name: fn for name, fn, _ in chosen}, {name: size for name, _, size in chosen}
 
+
+def _faiss_backends(qs: list[np.ndarray], bs: list[np.ndarray], k: int, threads: int) -> list[tuple[str, Callable, int]]:
+    """FAISS's exact inner-product index, with its own kernel and with BLAS forced (none if FAISS is
+    not installed)."""
     try:
         import faiss
-
-        faiss.omp_set_num_threads(threads)
-        indexes = []
-        for b in bs:
-            ix = faiss.IndexFlatIP(d)
-            ix.add(b)
-            indexes.append(ix)
-        default_thr = faiss.cvar.distance_compute_blas_threshold
-
-        def faiss_run(blas: bool):
-            def run():
-                faiss.cvar.distance_compute_blas_threshold = 1 if blas else default_thr
-                try:
-                    return [ix.search(q, k) for ix, q in zip(indexes, qs)]
-                finally:
-                    faiss.cvar.distance_compute_blas_threshold = default_thr
-
-            return run
-
-        add("faiss", faiss_run(False), 4)
-        add("faiss-blas", faiss_run(True), 4)
     except ImportError:
-        pass
+        return []
+    faiss.omp_set_num_threads(threads)
+    indexes = []
+    for b in bs:
+        ix = faiss.IndexFlatIP(b.shape[1])
+        ix.add(b)
+        indexes.append(ix)
+    default_thr = faiss.cvar.distance_compute_blas_threshold
 
-    def np_run():
+    def faiss_run(blas: bool):
+        def run():
+            faiss.cvar.distance_compute_blas_threshold = 1 if blas else default_thr
+            try:
+                return [ix.search(q, k) for ix, q in zip(indexes, qs)]
+            finally:
+                faiss.cvar.distance_compute_blas_threshold = default_thr
+
+        return run
+
+    return [("faiss", faiss_run(False), 4), ("faiss-blas", faiss_run(True), 4)]
+
+
+def _numpy_backend(qs: list[np.ndarray], bs: list[np.ndarray], k: int) -> Callable:
+    def run():
         out = []
         for q, b in zip(qs, bs):
             s = q @ b.T
-            kk = min(k, N)
+            kk = min(k, b.shape[0])
             part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
             ps = np.take_along_axis(s, part, 1)
             o = np.argsort(-ps, axis=1)
             out.append((np.take_along_axis(ps, o, 1), np.take_along_axis(part, o, 1)))
         return out
 
-    add("numpy", np_run, 4)
+    return run
 
+
+def _torch_backends(qs: list[np.ndarray], bs: list[np.ndarray], k: int, threads: int, *,
+                    bf16: bool) -> list[tuple[str, Callable, int]]:
+    """What a PyTorch user types first: matmul + topk, in fp32 and in bf16 (the bf16 scores are
+    rounded to bf16 before the top-k, so it is not exact)."""
     try:
         import torch
-
-        torch.set_num_threads(threads)
-        tq = [torch.from_numpy(x) for x in qs]
-        tb = [torch.from_numpy(x) for x in bs]
-        if want is None or "torch-bf16" in want:
-            tqb = [x.to(torch.bfloat16) for x in tq]
-            tbb = [x.to(torch.bfloat16) for x in tb]
-        else:
-            tqb = tbb = []
-
-        def torch_run(a, b):
-            def run():
-                with torch.inference_mode():
-                    return [torch.mm(x, y.T).topk(min(k, N), dim=1) for x, y in zip(a, b)]
-
-            return run
-
-        add("torch-fp32", torch_run(tq, tb), 4)
-        add("torch-bf16", torch_run(tqb, tbb), 2)
     except ImportError:
-        pass
-    return fns, bytes_per
+        return []
+    torch.set_num_threads(threads)
+    tq = [torch.from_numpy(x) for x in qs]
+    tb = [torch.from_numpy(x) for x in bs]
+    tqb = [x.to(torch.bfloat16) for x in tq] if bf16 else []
+    tbb = [x.to(torch.bfloat16) for x in tb] if bf16 else []
+
+    def torch_run(a, b):
+        def run():
+            with torch.inference_mode():
+                return [torch.mm(x, y.T).topk(min(k, y.shape[0]), dim=1) for x, y in zip(a, b)]
+
+        return run
+
+    return [("torch-fp32", torch_run(tq, tb), 4), ("torch-bf16", torch_run(tqb, tbb), 2)]
 
 
 def run_case(case: Case, k: int, threads: int, repeats: int, want, rng, bw: float) -> list[dict]:
