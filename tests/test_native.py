@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -418,3 +419,343 @@ def test_bench_quick(tmp_path):
     for r in data["results"]:
         assert r["seconds"] > 0 and r["gflops"] > 0
     assert data["machine"]["threads"] >= 1 and data["machine"]["read_gbps"] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# reliability (issue 19): huge k, unaligned arrays, tiny/huge vectors, never a panic
+
+
+def _run_isolated(code: str, timeout: float = 120) -> dict:
+    """Run `code` (after BAD_SETUP) in a fresh interpreter: a case that could abort the process
+    (e.g. an allocation of k slots) must not take pytest down with it."""
+    script = BAD_SETUP + "\n" + textwrap.dedent(
+        f"""
+        import json
+        try:
+            r = eval({code!r})
+            out = {{"type": None, "msg": ""}}
+        except BaseException as e:
+            out = {{"type": type(e).__name__, "mro": [c.__name__ for c in type(e).__mro__], "msg": str(e)}}
+        print("RESULT " + json.dumps(out))
+        """
+    )
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, f"{code}: the interpreter died (rc {p.returncode}): {p.stderr[-2000:]}"
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def test_huge_k_raises_valueerror_never_aborts():
+    for code in ["S(q, b, 2**40)", "S(q, b, 2**62)", "S(q, b, 2**63 - 1)", "S(q, b, 2**64)", "S(q, b, 10**30)",
+                 "S(q[:0], b, 2**40)", "S(q, b, 2**40, metric='l2')",
+                 "M([q, q], [b, b[:5].copy()], 2**40)", "M(np.stack([q, q]), np.stack([b, b]), 2**62)",
+                 "M([q], [b], 2**40, query_groups=g4, bank_groups=g20)"]:
+        r = _run_isolated(code)
+        assert r["type"] == "ValueError" and r["msg"].startswith("k:"), (code, r)
+        assert "too large" in r["msg"] and "padding" in r["msg"], (code, r)
+
+
+def test_k_larger_than_the_bank_pads():
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((3, 8), dtype=np.float32)
+    b = rng.standard_normal((20, 8), dtype=np.float32)
+    for metric, worst in [("ip", -np.inf), ("cosine", -np.inf), ("l2", np.inf)]:
+        s, i = native.search(q, b, 100_000, metric=metric)
+        assert s.shape == i.shape == (3, 100_000)
+        s20, i20 = native.search(q, b, 20, metric=metric)
+        np.testing.assert_array_equal(i[:, :20], i20)
+        np.testing.assert_array_equal(s[:, :20], s20)
+        assert (i[:, 20:] == -1).all() and (s[:, 20:] == worst).all()
+        s, i = native.search_many([q, q], [b, b[:5].copy()], 30, metric=metric)
+        assert s.shape == (2, 3, 30) and (i[1, :, 5:] == -1).all() and (i[0, :, :20] >= 0).all()
+    s, i = native.search(q[:0], b, 10**6)
+    assert s.shape == (0, 10**6)
+
+
+def unaligned(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of `a` whose data is not aligned for its dtype (offset 1 in a bytearray)."""
+    buf = bytearray(a.nbytes + 1)
+    u = np.frombuffer(buf, a.dtype, offset=1, count=a.size).reshape(a.shape)
+    u[...] = a
+    assert u.flags.c_contiguous and not u.flags.aligned
+    return u
+
+
+@pytest.mark.parametrize("simd", PATHS)
+@pytest.mark.parametrize("bf16", [False, True])
+def test_unaligned_arrays_give_the_results_of_aligned_copies(simd, bf16):
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((10, 20), dtype=np.float32)
+    b = rng.standard_normal((80, 20), dtype=np.float32)
+    if bf16:
+        q, b = bf16_bits(q).view(np.int16), bf16_bits(b).view(np.int16)
+    qg = rng.integers(0, 3, 10).astype(np.int64)
+    bg = rng.integers(0, 3, 80).astype(np.int64)
+    # the example of the issue: 80 floats at offset 1 of a 321-byte buffer
+    raw = np.frombuffer(bytearray(321), np.float32, offset=1, count=80).reshape(4, 20)
+    assert not raw.flags.aligned
+    native.search(raw, raw, 2, simd=simd) if not bf16 else None
+    for metric in ["ip", "cosine", "l2"]:
+        want = native.search(q, b, 7, metric=metric, query_groups=qg, bank_groups=bg, simd=simd)
+        for qa, ba, qga, bga in [(unaligned(q), b, qg, bg), (q, unaligned(b), qg, bg),
+                                 (q, b, unaligned(qg), unaligned(bg)), (unaligned(q), unaligned(b), unaligned(qg), bg)]:
+            got = native.search(qa, ba, 7, metric=metric, query_groups=qga, bank_groups=bga, simd=simd)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
+        wm = native.search_many([q, q[:, :10].copy()], [b, b[:40, :10].copy()], 5, metric=metric, simd=simd,
+                                query_groups=qg, bank_groups=[bg, bg[:40].copy()])
+        gm = native.search_many([unaligned(q), unaligned(q[:, :10])], [unaligned(b), b[:40, :10].copy()], 5,
+                                metric=metric, simd=simd, query_groups=unaligned(qg),
+                                bank_groups=[unaligned(bg), unaligned(bg[:40])])
+        np.testing.assert_array_equal(gm[0], wm[0])
+        np.testing.assert_array_equal(gm[1], wm[1])
+        w3 = native.search_many(np.stack([q, q]), np.stack([b, b]), 5, metric=metric, simd=simd,
+                                query_groups=np.stack([qg, qg]), bank_groups=np.stack([bg, bg]))
+        g3 = native.search_many(unaligned(np.stack([q, q])), unaligned(np.stack([b, b])), 5, metric=metric,
+                                simd=simd, query_groups=unaligned(np.stack([qg, qg])),
+                                bank_groups=unaligned(np.stack([bg, bg])))
+        np.testing.assert_array_equal(g3[0], w3[0])
+        np.testing.assert_array_equal(g3[1], w3[1])
+
+
+def test_cosine_of_tiny_vectors_example():
+    b = np.array([[1, 0], [0, 1]], np.float32)
+    for simd in SUPPORTED:
+        s, i = native.search(np.array([[1e-40, 0]], np.float32), b, 2, metric="cosine", simd=simd)
+        np.testing.assert_array_equal(i, [[0, 1]])
+        np.testing.assert_allclose(s, [[1, 0]], atol=1e-6)
+        s, i = native.search(b, np.array([[0, 3e-42], [1e-40, 1e-40]], np.float32), 2, metric="cosine", simd=simd)
+        np.testing.assert_array_equal(i, [[1, 0], [0, 1]])
+        np.testing.assert_allclose(s, [[2**-0.5, 0], [1, 2**-0.5]], atol=1e-6)
+
+
+@pytest.mark.parametrize("simd", PATHS)
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("Q", [2, 20])
+def test_tiny_and_huge_vectors_match_float64(simd, bf16, Q):
+    rng = np.random.default_rng(3)
+    scales = [1e-42, 1e-38, 1e-30, 1e-20, 1e-12, 1.0, 1e12, 1e18, 1e25, 1e35]
+    for qs in scales:
+        for bs in [1e-40, 1e-20, 1.0, 1e20, 1e37]:
+            q = (rng.standard_normal((Q, 9)) * qs).astype(np.float32)
+            b = (rng.standard_normal((30, 9)) * bs).astype(np.float32)
+            b[4] = 0  # a zero row
+            b[7] = rng.standard_normal(9)  # a plain row among scaled ones
+            if bf16:
+                qb, bb = bf16_bits(q), bf16_bits(b)
+                q, b = bf16_to_f32(qb), bf16_to_f32(bb)
+                qa, ba = qb.view(np.int16), bb.view(np.int16)
+            else:
+                qa, ba = q, b
+            for metric in ["cosine", "l2", "ip"]:
+                if metric == "ip" and bf16 and simd == "avx512bf16" and min(qs, bs) <= 1e-38:
+                    continue  # documented: vdpbf16ps treats bf16 subnormals as zero (cosine/l2 rescore these in f64)
+                S = brute_scores(q, b, metric)
+                with np.errstate(over="ignore"):
+                    overflow = bool(np.isinf(S.astype(np.float32)).any())
+                ctx = (qs, bs, metric)
+                if overflow:  # the true score does not fit in float32 (never for cosine)
+                    assert metric != "cosine"
+                    with pytest.raises(ValueError, match=r"^(queries|bank): .*overflows float32") as e:
+                        native.search(qa, ba, 30, metric=metric, simd=simd)
+                    # the side with the larger norm is named
+                    side = "queries" if np.abs(q).max() >= np.abs(b).max() else "bank"
+                    assert str(e.value).startswith(side), (ctx, str(e.value))
+                    continue
+                s, i = native.search(qa, ba, 30, metric=metric, simd=simd)
+                assert np.isfinite(s).all() and (i >= 0).all(), ctx
+                check(q, b, 30, metric, s, i)
+                if metric == "cosine":
+                    assert (np.abs(s) <= 1 + 1e-6).all(), ctx
+
+
+def test_l2_overflow_is_consistent_on_both_sides():
+    normal = np.array([[1, 0], [0, 1]], np.float32)
+    huge = np.array([[2e19, 0]], np.float32)
+    for simd in SUPPORTED:
+        _raises(ValueError, "queries: ", native.search, huge, normal, 2, metric="l2", simd=simd)
+        _raises(ValueError, "bank: ", native.search, normal[:1], np.array([[2e19, 0], [0, 1]], np.float32), 2,
+                metric="l2", simd=simd)
+        # huge but close: the distance fits and is exact
+        s, i = native.search(huge, np.array([[2e19, 1e10], [2e19, 0]], np.float32), 2, metric="l2", simd=simd)
+        np.testing.assert_array_equal(i, [[1, 0]])
+        np.testing.assert_allclose(s, [[0, 1e20]], rtol=1e-6)
+        # check_finite=False: a score that does not fit never qualifies (like a non-finite one)
+        s, i = native.search(normal[:1], np.array([[2e19, 0], [0, 1]], np.float32), 2, metric="l2", simd=simd,
+                             check_finite=False)
+        np.testing.assert_array_equal(i, [[1, -1]])
+
+
+def test_2d_query_groups_are_rejected():
+    q = np.ones((4, 3), np.float32)
+    b = np.ones((6, 3), np.float32)
+    m = _raises(ValueError, "query_groups", native.search, q, b, 2, query_groups=np.zeros((2, 2), np.int64),
+                bank_groups=np.zeros(6, np.int64))
+    assert "[4]" in m and "2-D" in m, m
+    m = _raises(ValueError, "bank_groups", native.search, q, b, 2, query_groups=np.zeros(4, np.int64),
+                bank_groups=np.zeros((6, 1), np.int64))
+    assert "[6]" in m, m
+    _raises(ValueError, "query_groups", native.search, q[:1], b, 2, query_groups=np.array(0),
+            bank_groups=np.zeros(6, np.int64))
+    _raises(ValueError, "query_groups[0]", native.search_many, [q], [b], 2, query_groups=[np.zeros((2, 2), np.int64)],
+            bank_groups=[np.zeros(6, np.int64)])
+    _raises(ValueError, "query_groups", native.search_many, [q], [b], 2, query_groups=np.zeros((1, 2, 2), np.int64),
+            bank_groups=np.zeros(6, np.int64))
+
+
+BAD_SETUP = textwrap.dedent(
+    """
+    import numpy as np
+    import crl._native as native
+    S, M = native.search, native.search_many
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((4, 8), dtype=np.float32)
+    b = rng.standard_normal((20, 8), dtype=np.float32)
+    g4, g20 = np.zeros(4, np.int64), np.zeros(20, np.int64)
+
+    def with_(a, idx, v):
+        a = a.copy()
+        a[idx] = v
+        return a
+
+    def bits(a):
+        return (a.view(np.uint32) >> 16).astype(np.uint16)
+
+    def unal(a):
+        buf = bytearray(a.nbytes + 1)
+        u = np.frombuffer(buf, a.dtype, offset=1, count=a.size).reshape(a.shape)
+        u[...] = a
+        return u
+    """
+)
+
+OK = None
+# (call, expected): expected is OK (a result) or (exception type, text the message starts with or contains)
+BAD_INPUTS = [
+    # wrong dtype / not an array
+    ("S(q.astype(np.float64), b, 3)", (TypeError, "queries")),
+    ("S(q, b.astype(np.float16), 3)", (TypeError, "bank")),
+    ("S(q, b.astype(np.int32), 3)", (TypeError, "bank")),
+    ("S(q.astype('>f4'), b, 3)", (TypeError, "queries")),
+    ("S(q.tolist(), b, 3)", (TypeError, "queries")),
+    ("S(q, None, 3)", (TypeError, "bank")),
+    ("S(np.float32(1), b, 3)", (TypeError, "queries")),
+    ("S(q, bits(b), 3)", (TypeError, "bank")),
+    ("S(q.astype(object), b, 3)", (TypeError, "queries")),
+    ("M([q], [b.astype(np.float64)], 3)", (TypeError, "banks[0]")),
+    ("M([q, 'x'], [b, b], 3)", (TypeError, "queries[1]")),
+    ("M(3, [b], 3)", (TypeError, "queries")),
+    # wrong ndim
+    ("S(q[0], b, 3)", (ValueError, "queries")),
+    ("S(q, b[None], 3)", (ValueError, "bank")),
+    ("S(np.array(1.0, np.float32), b, 3)", (ValueError, "queries")),
+    ("M(q, b, 3)", (ValueError, "queries")),
+    ("M([q[0]], [b], 3)", (ValueError, "queries[0]")),
+    ("M(q[None], b, 3)", (ValueError, "banks")),
+    ("M([], [], 3)", (ValueError, "queries")),
+    ("M([q, q], [b], 3)", (ValueError, "banks")),
+    # mismatched d / Q
+    ("S(q, b[:, :7].copy(), 3)", (ValueError, "bank")),
+    ("S(q[:, :0].copy(), b[:, :0].copy(), 3)", (ValueError, "queries")),
+    ("M([q], [b[:, :7].copy()], 3)", (ValueError, "banks[0]")),
+    ("M([q, q[:2]], [b, b], 3)", (ValueError, "queries[1]")),
+    # k
+    ("S(q, b, 0)", (ValueError, "k")),
+    ("S(q, b, -1)", (ValueError, "k")),
+    ("S(q, b, -2**70)", (ValueError, "k")),
+    ("S(q, b, 3.0)", (TypeError, "k")),
+    ("S(q, b, '3')", (TypeError, "k")),
+    ("S(q, b, None)", (TypeError, "k")),
+    ("M([q], [b], 0)", (ValueError, "k")),
+    ("S(q, b, 25)", OK),
+    ("S(q, b, np.int64(3))", OK),
+    # NaN / Inf
+    ("S(with_(q, (2, 3), np.nan), b, 3)", (ValueError, "queries")),
+    ("S(with_(q, (2, 3), np.inf), b, 3, metric='cosine')", (ValueError, "queries")),
+    ("S(with_(q, (2, 3), -np.inf), b, 3, metric='l2')", (ValueError, "queries")),
+    ("S(q, with_(b, (17, 5), np.nan), 3)", (ValueError, "bank")),
+    ("S(q, with_(b, (17, 5), np.inf), 3, metric='cosine')", (ValueError, "bank")),
+    ("S(q, with_(b, (17, 5), -np.inf), 3, metric='l2')", (ValueError, "bank")),
+    ("S(q[:1], with_(b, (17, 5), np.nan), 3, metric='cosine')", (ValueError, "bank")),
+    ("S(bits(q), bits(with_(b, (17, 5), np.nan)), 3)", (ValueError, "bank")),
+    ("M([q], [with_(b, (17, 5), np.inf)], 3)", (ValueError, "bank")),
+    ("S(with_(q, (2, 3), np.nan), with_(b, (1, 1), np.inf), 3, check_finite=False)", OK),
+    ("S(q, b, 3, min_score=float('nan'))", (ValueError, "min_score")),
+    ("S(q, b, 3, min_score=1.0, max_score=0.0)", (ValueError, "min_score")),
+    ("S(q * np.float32(1e30), b * np.float32(1e30), 3)", (ValueError, "overflows float32")),
+    ("S(q * np.float32(1e30), b, 3, metric='l2')", (ValueError, "queries")),
+    ("S(q, b * np.float32(1e30), 3, metric='l2')", (ValueError, "bank")),
+    ("S(q * np.float32(1e30), b * np.float32(1e-30), 3, metric='cosine')", OK),
+    # empty bank
+    ("S(q, b[:0], 3)", (ValueError, "bank")),
+    ("M([q], [b[:0]], 3)", (ValueError, "bank")),
+    ("S(q[:0], b, 3)", OK),
+    # unaligned (copied) and non-contiguous (rejected: never silently copied)
+    ("S(unal(q), unal(b), 3)", OK),
+    ("M([unal(q)], unal(b[None]), 3)", OK),
+    ("S(q[:, ::2], b[:, :4].copy(), 3)", (ValueError, "queries")),
+    ("S(q, b[::2], 3)", (ValueError, "bank")),
+    ("S(q, np.asfortranarray(b), 3)", (ValueError, "bank")),
+    ("M([q], [b[::2]], 3)", (ValueError, "banks[0]")),
+    ("M(np.stack([q, q])[:, ::2], np.stack([b, b])[:, ::2], 3)", (ValueError, "queries")),
+    # groups
+    ("S(q, b, 3, query_groups=np.zeros(3, np.int64), bank_groups=g20)", (ValueError, "query_groups")),
+    ("S(q, b, 3, query_groups=g4, bank_groups=np.zeros(21, np.int64))", (ValueError, "bank_groups")),
+    ("S(q, b, 3, query_groups=np.zeros(4, np.int32), bank_groups=g20)", (TypeError, "query_groups")),
+    ("S(q, b, 3, query_groups=np.zeros(4), bank_groups=g20)", (TypeError, "query_groups")),
+    ("S(q, b, 3, query_groups=[0, 0, 0, 0], bank_groups=g20)", (TypeError, "query_groups")),
+    ("S(q, b, 3, query_groups=g4, bank_groups=np.zeros(20, np.uint64))", (TypeError, "bank_groups")),
+    ("S(q, b, 3, query_groups=np.zeros((2, 2), np.int64), bank_groups=g20)", (ValueError, "query_groups")),
+    ("S(q, b, 3, query_groups=np.zeros((4, 1), np.int64), bank_groups=g20)", (ValueError, "query_groups")),
+    ("S(q, b, 3, query_groups=g4, bank_groups=np.zeros((20, 1), np.int64))", (ValueError, "bank_groups")),
+    ("S(q[:1], b, 3, query_groups=np.array(0), bank_groups=g20)", (ValueError, "query_groups")),
+    ("S(q, b, 3, query_groups=np.zeros(8, np.int64)[::2], bank_groups=g20)", (ValueError, "query_groups")),
+    ("S(q, b, 3, query_groups=g4)", (ValueError, "query_groups")),
+    ("S(q, b, 3, query_groups=unal(g4), bank_groups=unal(g20))", OK),
+    ("M([q, q], [b, b], 3, query_groups=g4, bank_groups=[g20])", (ValueError, "bank_groups")),
+    ("M([q, q], [b, b], 3, query_groups=np.zeros((3, 4), np.int64), bank_groups=g20)", (ValueError, "query_groups")),
+    ("M([q], [b], 3, query_groups=np.zeros((1, 2, 2), np.int64), bank_groups=g20)", (ValueError, "query_groups")),
+    ("M([q], [b], 3, query_groups=[np.zeros((4, 1), np.int64)], bank_groups=[g20])", (ValueError, "query_groups[0]")),
+    ("M([q], [b], 3, query_groups=[np.zeros(4, np.int32)], bank_groups=[g20])", (TypeError, "query_groups[0]")),
+    ("M([q], [b], 3, query_groups=np.zeros((1, 3), np.int64), bank_groups=g20)", (ValueError, "query_groups")),
+    # other arguments
+    ("S(q, b, 3, metric='hamming')", (ValueError, "metric")),
+    ("S(q, b, 3, metric=None)", (TypeError, "metric")),
+    ("S(q, b, 3, threads=0)", (ValueError, "threads")),
+    ("S(q, b, 3, threads=-1)", (ValueError, "threads")),
+    ("S(q, b, 3, threads=2**40)", (ValueError, "threads")),
+    ("S(q, b, 3, threads=2**70)", (ValueError, "threads")),
+    ("S(q, b, 3, threads=1.5)", (TypeError, "threads")),
+    ("S(q, b, 3, simd='neon')", (ValueError, "simd")),
+    ("S(q, b, 3, min_score='x')", (TypeError, "min_score")),
+    ("S(q, b, 3, max_score=[1])", (TypeError, "max_score")),
+    ("S(q, b, 3, simd=3)", (TypeError, "simd")),
+    ("S(q, b, 3, check_finite='yes')", (TypeError, "check_finite")),
+    ("M([q], [b], 3, metric=1)", (TypeError, "metric")),
+    ("S(q, b, 3, metric='cosine', min_score=-1e300, max_score=1e300)", OK),
+]
+# cases that could abort the interpreter if the guard were missing run in their own process
+ISOLATED = {"S(q, b, 3, threads=2**40)", "S(q, b, 3, threads=2**70)"}
+
+
+@pytest.mark.parametrize("code,expected", BAD_INPUTS, ids=[c for c, _ in BAD_INPUTS])
+def test_bad_input_table_never_panics(code, expected):
+    if code in ISOLATED:
+        r = _run_isolated(code)
+        etype, msg, mro = r["type"], r["msg"], r.get("mro", [])
+    else:
+        ns: dict = {}
+        exec(BAD_SETUP, ns)
+        try:
+            eval(code, ns)
+            etype, msg, mro = None, "", []
+        except BaseException as e:  # noqa: BLE001 - a PanicException is a BaseException
+            etype, msg, mro = type(e).__name__, str(e), [c.__name__ for c in type(e).__mro__]
+    assert etype != "PanicException" and (etype is None or "Exception" in mro), (code, etype, msg)
+    if expected is OK:
+        assert etype is None, (code, etype, msg)
+    else:
+        exc, name = expected
+        assert etype == exc.__name__, (code, etype, msg)
+        assert name in msg, (code, msg)

@@ -5,7 +5,9 @@ hard-negative mining. Element types: ``float32``, or bfloat16 passed as its raw 
 ``int16`` or ``uint16`` array (what ``tensor.view(torch.int16).numpy()`` gives for a bf16 tensor).
 Queries and bank must have the same element type. Arrays must be C-contiguous and are used in place,
 never copied (a non-contiguous array raises ``ValueError`` instead of being silently copied); do not
-modify them from another thread during a call.
+modify them from another thread during a call. The one exception: a C-contiguous array whose data is
+not aligned for its dtype (e.g. ``np.frombuffer(buf, np.float32, offset=1)``) is copied once into an
+aligned buffer, with the same results as an aligned copy.
 
 Scores are float32 and ordered best first:
 
@@ -16,7 +18,20 @@ Scores are float32 and ordered best first:
 
 Where fewer than ``k`` bank entries qualify (``k > N``, group exclusion, score window), the remaining
 slots hold id ``-1`` and the worst score: ``-inf`` for ``ip``/``cosine``, ``+inf`` for ``l2``.
-Ties are broken by the smaller bank id.
+Ties are broken by the smaller bank id. ``k > N`` is allowed (the output is always ``[Q, k]``), but
+a ``k > N`` whose padded output (12 bytes a slot, at least one row) would exceed the machine's
+memory or address space raises ``ValueError`` naming ``k`` (an absurd ``k`` such as ``2**40``); an
+output of real results (``k <= N``) that cannot be allocated raises ``MemoryError``. Never an abort.
+
+Tiny and huge vectors: ``cosine`` and ``l2`` run in fp32 for vectors whose squared norm is 0 or in
+``[1e-30, 1e30]``; a pair with a query or bank row outside that range (finite, but so small or so
+large that fp32 norms or products would underflow or overflow) is scored in float64 from the
+original values (cosine as ``q.b / (|q| |b|)``, l2 as the sum of squared differences), so its score
+is the float64 score rounded to float32 (slower, but only for those pairs). Likewise any finite pair
+whose fp32 score is not finite (e.g. an ``ip`` partial sum overflowing) is recomputed in float64. A
+score whose true value does not fit in float32 (``ip`` or ``l2`` of huge vectors; never ``cosine``)
+raises ``ValueError`` starting with ``queries`` or ``bank``, whichever has the larger norm, with
+``check_finite`` (without it, such a score never qualifies).
 
 fp32 results equal a brute-force search up to summation-order rounding. bf16 inputs are multiplied
 exactly and accumulated in fp32 (``vdpbf16ps`` on the ``avx512bf16`` path, widening to fp32
@@ -36,10 +51,13 @@ environment variable, else the best the CPU supports (see :func:`simd_paths`). F
 stream each bank row once against all queries; more queries run a register-blocked GEMM
 micro-kernel over cache-sized bank blocks with the top-k check fused after each tile.
 
-Errors: wrong types or dtypes raise ``TypeError``; bad shapes, non-contiguous arrays, ``k < 1``, an
-empty bank, group arrays of the wrong length, ``min_score > max_score``, an unknown or unsupported
-SIMD path and NaN/Inf in queries or bank (when ``check_finite``) raise ``ValueError``. Every message
-starts with the name of the offending argument.
+Errors: wrong types or dtypes (of arrays and of ``k``, ``metric``, ``min_score``, ``threads``, ...)
+raise ``TypeError``; bad shapes (including group arrays that are not 1-D in :func:`search`),
+non-contiguous arrays, ``k < 1`` or too large a ``k`` (see above), an empty bank, group arrays of
+the wrong length, ``min_score > max_score``, ``threads`` outside ``[1, max(1024, cores)]``, an
+unknown or unsupported SIMD path, NaN/Inf in queries or bank (when ``check_finite``) and scores
+overflowing float32 raise ``ValueError``. Every message starts with the name of the offending
+argument. No input makes the extension panic or abort the interpreter.
 """
 
 from typing import Literal
@@ -71,19 +89,22 @@ def search(
     Args:
         queries: [Q, d] float32, or bf16 bits as int16/uint16; C-contiguous. Q may be 0.
         bank: [N, d], same dtype as ``queries``; C-contiguous; N >= 1.
-        k: results per query, >= 1. ``k > N`` is allowed: the extra slots are padding.
+        k: results per query, >= 1. ``k > N`` is allowed: the extra slots are padding (a ``k > N``
+            whose padded output would not fit in memory raises ``ValueError``).
         metric: ``"ip"``, ``"cosine"`` or ``"l2"`` (squared distance, ascending).
-        query_groups: [Q] int64; with ``bank_groups``, bank rows of the query's own group are excluded.
-        bank_groups: [N] int64.
+        query_groups: [Q] int64 (1-D); with ``bank_groups``, bank rows of the query's own group are
+            excluded.
+        bank_groups: [N] int64 (1-D).
         min_score: keep only entries scoring >= this (metric units). None: no lower bound.
         max_score: keep only entries scoring <= this. None: no upper bound.
-        threads: worker threads (>= 1); None: all cores.
+        threads: worker threads, ``1 <= threads <= max(1024, cores)``; None: all cores.
         simd: force a SIMD path (``"avx512bf16"``, ``"avx512"``, ``"avx2"``, ``"scalar"``, ``"auto"``);
             None: ``CRL_SIMD`` or the best available. For float32 input ``"avx512bf16"`` runs the
             AVX-512 fp32 kernels.
         check_finite: raise ValueError on NaN/Inf in queries (checked up front) or bank (detected
-            inside the search at no extra pass: a non-finite bank value makes its scores non-finite).
-            With False, non-finite scores never qualify.
+            inside the search at no extra pass: a non-finite bank value makes its scores non-finite),
+            and on scores overflowing float32. With False, non-finite queries, bank rows and
+            overflowing scores never qualify.
 
     Returns:
         ``(scores, ids)``: float32 [Q, k] and int64 [Q, k], best first; padding id -1 with score
@@ -113,7 +134,7 @@ def search_many(
         queries: a 3-D array [L, Q, d] or a list of L 2-D arrays [Q, d_l] (same Q for every bank).
         banks: a 3-D array [L, N, d] or a list of L 2-D arrays [N_l, d_l] (N and d may differ per
             bank in the list form; each bank's d must match its queries').
-        k: results per query, >= 1.
+        k: results per query, >= 1 (``k`` larger than a bank pads; see :func:`search`).
         query_groups: None, a 1-D int64 array [Q] shared by all banks, a 2-D array [L, Q], or a
             list of L 1-D arrays.
         bank_groups: None, a 1-D int64 array [N] shared by all banks, a 2-D array [L, N], or a

@@ -208,8 +208,11 @@ pub enum SearchError {
     Invalid(&'static str, String),
     /// NaN or Inf in an input: (argument name, bank index, row).
     NonFinite(&'static str, usize, usize),
-    /// Finite inputs whose scores or norms overflow fp32: (bank index, bank row).
-    Overflow(usize, usize),
+    /// Finite inputs whose true score does not fit in fp32: (argument with the larger norm, bank
+    /// index, query, bank row).
+    Overflow(&'static str, usize, usize, usize),
+    /// The output buffers could not be allocated (bytes).
+    OutOfMemory(usize),
 }
 
 impl std::fmt::Display for SearchError {
@@ -219,9 +222,15 @@ impl std::fmt::Display for SearchError {
             SearchError::NonFinite(arg, l, row) => {
                 write!(f, "{arg} contains NaN or Inf (bank {l}, row {row}); expected finite values")
             }
-            SearchError::Overflow(l, row) => write!(
+            SearchError::Overflow(arg, l, q, row) => write!(
                 f,
-                "bank: scores against row {row} of bank {l} overflow float32 (values too large); expected finite scores"
+                "{arg}: the score of query {q} against row {row} of bank {l} overflows float32 (values too large); \
+                 expected scores within the float32 range"
+            ),
+            SearchError::OutOfMemory(bytes) => write!(
+                f,
+                "out: could not allocate the output ({:.1} GiB of scores and ids)",
+                *bytes as f64 / (1u64 << 30) as f64
             ),
         }
     }
@@ -238,22 +247,104 @@ pub fn default_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
+/// The largest explicit thread count accepted: 1024, or the number of cores if larger.
+pub fn max_threads() -> usize {
+    default_threads().max(1024)
+}
+
 /// A dedicated rayon pool per thread count, created on first use and cached.
-pub fn pool(threads: usize) -> Arc<rayon::ThreadPool> {
+pub fn pool(threads: usize) -> Result<Arc<rayon::ThreadPool>, SearchError> {
     static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
     let t = if threads == 0 { default_threads() } else { threads };
-    let mut m = POOLS.get_or_init(|| Mutex::new(HashMap::new())).lock().unwrap();
-    m.entry(t)
-        .or_insert_with(|| {
-            Arc::new(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(t)
-                    .thread_name(|i| format!("crl-native-{i}"))
-                    .build()
-                    .expect("building the rayon thread pool"),
+    if t > max_threads() {
+        return Err(invalid("threads", format!("expected 1 <= threads <= {}, got {t}", max_threads())));
+    }
+    let mut m = POOLS.get_or_init(|| Mutex::new(HashMap::new())).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = m.get(&t) {
+        return Ok(p.clone());
+    }
+    let p = rayon::ThreadPoolBuilder::new()
+        .num_threads(t)
+        .thread_name(|i| format!("crl-native-{i}"))
+        .build()
+        .map_err(|e| invalid("threads", format!("could not start {t} worker threads: {e}")))?;
+    let p = Arc::new(p);
+    m.insert(t, p.clone());
+    Ok(p)
+}
+
+/// Total physical memory in bytes, where the platform tells (Linux: /proc/meminfo).
+fn physical_memory() -> Option<usize> {
+    static MEM: OnceLock<Option<usize>> = OnceLock::new();
+    *MEM.get_or_init(|| {
+        let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+        kb.checked_mul(1024)
+    })
+}
+
+/// Bytes per output slot (an f32 score and an i64 id).
+const SLOT_BYTES: usize = 12;
+
+/// The number of output slots for `rows` queries (all banks together) with `k` results each,
+/// checking that the output can exist. `k > max_n` (more results than the largest bank has rows)
+/// only adds padding, so a `k > max_n` whose output (counting at least one row) would exceed the
+/// physical memory is rejected as an invalid `k` rather than attempted.
+pub fn output_len(rows: usize, k: usize, max_n: usize) -> Result<usize, SearchError> {
+    let too_large = |why: String| {
+        invalid(
+            "k",
+            format!(
+                "k = {k} is too large: {why}; at most {max_n} results exist per query (the bank size), \
+                 slots past that are padding (id -1)"
+            ),
+        )
+    };
+    let bytes = rows.max(1).checked_mul(k).and_then(|s| s.checked_mul(SLOT_BYTES));
+    let bytes = match bytes {
+        Some(b) if b <= isize::MAX as usize => b,
+        _ => return Err(too_large(format!("the output [{rows}, {k}] would exceed the address space"))),
+    };
+    if k > max_n {
+        if let Some(mem) = physical_memory() {
+            if bytes > mem {
+                return Err(too_large(format!(
+                    "the output [{}, {k}] would need {:.1} GiB, more than this machine's {:.1} GiB of memory",
+                    rows.max(1),
+                    bytes as f64 / (1u64 << 30) as f64,
+                    mem as f64 / (1u64 << 30) as f64
+                )));
+            }
+        }
+    }
+    Ok(rows * k)
+}
+
+/// Output buffers for [`search_many`]: `rows * k` slots (see [`output_len`]), allocated fallibly
+/// (an allocation failure is an error, not an abort).
+pub fn alloc_output(rows: usize, k: usize, max_n: usize) -> Result<(Vec<f32>, Vec<i64>), SearchError> {
+    let len = output_len(rows, k, max_n)?;
+    let fail = || {
+        if k > max_n {
+            invalid(
+                "k",
+                format!(
+                    "k = {k} is too large: the padded output [{rows}, {k}] could not be allocated; at most \
+                     {max_n} results exist per query (the bank size)"
+                ),
             )
-        })
-        .clone()
+        } else {
+            SearchError::OutOfMemory(len * SLOT_BYTES)
+        }
+    };
+    let mut s: Vec<f32> = Vec::new();
+    let mut i: Vec<i64> = Vec::new();
+    s.try_reserve_exact(len).map_err(|_| fail())?;
+    i.try_reserve_exact(len).map_err(|_| fail())?;
+    s.resize(len, 0.0);
+    i.resize(len, 0);
+    Ok((s, i))
 }
 
 /// Check argument consistency (everything but finiteness).
@@ -360,6 +451,28 @@ pub(crate) struct Packed {
     pub panels: usize,
     /// per query: 1/|q| (cosine) or |q|^2 (L2), unused for Ip
     pub qnorm: Vec<f32>,
+    /// per query: [`FAST`], [`SLOW`] (norm outside the fp32-safe range: float64 path) or [`BAD`]
+    /// (NaN/Inf, only reached with `check_finite` off: never qualifies)
+    pub qclass: Vec<u8>,
+    /// per panel: whether any of its queries is not [`FAST`]
+    pub panel_special: Vec<bool>,
+}
+
+/// Classes of queries and bank rows.
+pub(crate) const FAST: u8 = 0;
+pub(crate) const SLOW: u8 = 1;
+pub(crate) const BAD: u8 = 2;
+
+/// Sums of squares in `[SAFE_LO, SAFE_HI]` (or exactly 0) are safe for the fp32 fast path of
+/// `cosine` and `l2`: with both norms in `[1e-15, 1e15]` no product, partial sum or norm under- or
+/// overflows fp32 enough to matter. Vectors outside (tiny or huge, but finite) are scored in
+/// float64 from the original values, pair by pair.
+pub const SAFE_LO: f32 = 1e-30;
+pub const SAFE_HI: f32 = 1e30;
+
+#[inline]
+fn in_safe_range(s: f64) -> bool {
+    s == 0.0 || (s >= SAFE_LO as f64 && s <= SAFE_HI as f64)
 }
 
 fn round_up(x: usize, m: usize) -> usize {
@@ -370,10 +483,19 @@ fn pack_queries(j: &Job, g: Geometry, metric: Metric) -> Packed {
     let l = g.lanes;
     let panels = j.q.div_ceil(l);
     let mut qnorm = vec![0.0f32; j.q];
-    if metric != Metric::Ip {
-        for qi in 0..j.q {
-            let s: f64 = (0..j.d).map(|c| (j.queries.get(qi * j.d + c) as f64).powi(2)).sum();
+    let mut qclass = vec![FAST; j.q];
+    for qi in 0..j.q {
+        let s = sumsq64(j.queries, j.d, qi);
+        qclass[qi] = if !s.is_finite() {
+            BAD
+        } else if metric == Metric::Ip || in_safe_range(s) {
+            FAST
+        } else {
+            SLOW
+        };
+        if qclass[qi] == FAST {
             qnorm[qi] = match metric {
+                Metric::Ip => 0.0,
                 Metric::Cosine => {
                     if s > 0.0 {
                         (1.0 / s.sqrt()) as f32
@@ -381,12 +503,21 @@ fn pack_queries(j: &Job, g: Geometry, metric: Metric) -> Packed {
                         0.0
                     }
                 }
-                _ => s as f32,
+                Metric::L2 => s as f32,
             };
         }
     }
+    let panel_special = (0..panels).map(|p| qclass[p * l..((p + 1) * l).min(j.q)].iter().any(|&c| c != FAST)).collect();
     if g.dot {
-        return Packed { f32: kernels::AVec::zeroed(0), bf16: kernels::AVec::zeroed(0), dp: 0, panels, qnorm };
+        return Packed {
+            f32: kernels::AVec::zeroed(0),
+            bf16: kernels::AVec::zeroed(0),
+            dp: 0,
+            panels,
+            qnorm,
+            qclass,
+            panel_special,
+        };
     }
     if g.bf16_pairs {
         let dp = round_up(j.d, PIECE_BF16);
@@ -406,7 +537,7 @@ fn pack_queries(j: &Job, g: Geometry, metric: Metric) -> Packed {
                 }
             }
         }
-        Packed { f32: kernels::AVec::zeroed(0), bf16: outv, dp, panels, qnorm }
+        Packed { f32: kernels::AVec::zeroed(0), bf16: outv, dp, panels, qnorm, qclass, panel_special }
     } else {
         let dp = round_up(j.d, PIECE_F32);
         let mut outv = kernels::AVec::<f32>::zeroed(panels * dp * l);
@@ -423,7 +554,7 @@ fn pack_queries(j: &Job, g: Geometry, metric: Metric) -> Packed {
                 }
             }
         }
-        Packed { f32: outv, bf16: kernels::AVec::zeroed(0), dp, panels, qnorm }
+        Packed { f32: outv, bf16: kernels::AVec::zeroed(0), dp, panels, qnorm, qclass, panel_special }
     }
 }
 
@@ -434,11 +565,73 @@ fn first_non_finite(e: Elems, d: usize) -> Option<usize> {
     }
 }
 
-fn row_is_finite(e: Elems, d: usize, row: usize) -> bool {
+/// Sum of squares of row `row` in float64 (exact up to summation rounding for any fp32 values;
+/// non-finite iff the row holds NaN or Inf).
+fn sumsq64(e: Elems, d: usize, row: usize) -> f64 {
     match e {
-        Elems::F32(s) => s[row * d..(row + 1) * d].iter().all(|x| x.is_finite()),
-        Elems::Bf16(s) => s[row * d..(row + 1) * d].iter().all(|&b| b & 0x7f80 != 0x7f80),
+        Elems::F32(s) => s[row * d..(row + 1) * d].iter().map(|&x| (x as f64) * (x as f64)).sum(),
+        Elems::Bf16(s) => s[row * d..(row + 1) * d]
+            .iter()
+            .map(|&b| {
+                let x = bf16_to_f32(b) as f64;
+                x * x
+            })
+            .sum(),
     }
+}
+
+/// Outcome of scoring one (query, bank row) pair in float64.
+enum Slow {
+    /// the goodness (higher is better: -distance for L2)
+    Score(f32),
+    /// never qualifies (non-finite query, or an overflowing score with `check_finite` off)
+    Skip,
+    /// the bank row holds NaN/Inf
+    BadRow,
+    Err(SearchError),
+}
+
+/// Score query `qi` against bank row `row` in float64 from the original values: the fallback for
+/// pairs whose fp32 score is non-finite or whose norms are outside the fp32-safe range. The result
+/// is the float64 score rounded to fp32 (the L2 distance as the sum of squared differences).
+#[cold]
+#[inline(never)]
+fn slow_score(j: &Job, li: usize, qi: usize, row: usize, metric: Metric, check_finite: bool) -> Slow {
+    let d = j.d;
+    let (mut dot, mut qq, mut bb, mut dd) = (0f64, 0f64, 0f64, 0f64);
+    for c in 0..d {
+        let x = j.queries.get(qi * d + c) as f64;
+        let y = j.bank.get(row * d + c) as f64;
+        dot += x * y;
+        qq += x * x;
+        bb += y * y;
+        dd += (x - y) * (x - y);
+    }
+    if !bb.is_finite() {
+        return Slow::BadRow;
+    }
+    if !qq.is_finite() {
+        return Slow::Skip;
+    }
+    let score = match metric {
+        Metric::Ip => dot,
+        Metric::Cosine => {
+            if qq > 0.0 && bb > 0.0 {
+                (dot / (qq.sqrt() * bb.sqrt())).clamp(-1.0, 1.0)
+            } else {
+                0.0
+            }
+        }
+        Metric::L2 => dd,
+    } as f32;
+    if !score.is_finite() {
+        if !check_finite {
+            return Slow::Skip;
+        }
+        let arg = if qq >= bb { "queries" } else { "bank" };
+        return Slow::Err(SearchError::Overflow(arg, li, qi, row));
+    }
+    Slow::Score(if metric == Metric::L2 { -score } else { score })
 }
 
 /// One unit of parallel work: a chunk of bank rows against a range of query panels of one job.
@@ -459,12 +652,17 @@ struct TaskOut {
 /// Search every job; results go to `scores`/`ids`, job after job, each `[q, k]` best first.
 pub fn search_many(jobs: &[Job], opt: &Options, scores: &mut [f32], ids: &mut [i64]) -> Result<(), SearchError> {
     validate(jobs, opt)?;
-    let total: usize = jobs.iter().map(|j| j.q * opt.k).sum();
+    let rows = jobs.iter().try_fold(0usize, |a, j| a.checked_add(j.q));
+    let max_n = jobs.iter().map(|j| j.n).max().unwrap_or(0);
+    let total = match rows {
+        Some(rows) => output_len(rows, opt.k, max_n)?,
+        None => return Err(invalid("queries", "too many queries")),
+    };
     if scores.len() != total || ids.len() != total {
         return Err(invalid("out", format!("expected output buffers of length {total}")));
     }
     let threads = if opt.threads == 0 { default_threads() } else { opt.threads };
-    let pool = pool(threads);
+    let pool = pool(threads)?;
     pool.install(|| search_in_pool(jobs, opt, threads, scores, ids))
 }
 
@@ -591,7 +789,9 @@ fn run_task(t: &Task, j: &Job, pk: &Packed, g: Geometry, opt: &Options) -> TaskO
     let r = g.rows;
     let q0 = t.p0 * l;
     let q1 = (t.p1 * l).min(j.q);
-    let mut heaps: Vec<TopK> = (q0..q1).map(|_| TopK::new(opt.k)).collect();
+    // a task sees r1 - r0 bank rows, so it never holds more entries than that (k may be huge)
+    let cap = opt.k.min(t.r1 - t.r0);
+    let mut heaps: Vec<TopK> = (q0..q1).map(|_| TopK::new(cap)).collect();
     let need_norm = opt.metric != Metric::Ip;
     let mut blk = Block {
         buf_f32: kernels::AVec::zeroed(if g.bf16_pairs || g.dot { 0 } else { pk.dp * r }),
@@ -605,6 +805,7 @@ fn run_task(t: &Task, j: &Job, pk: &Packed, g: Geometry, opt: &Options) -> TaskO
     } else {
         (opt.min_score, opt.max_score)
     };
+    let mut rclass = vec![FAST; r];
     let mut rb = t.r0;
     while rb < t.r1 {
         let nrows = (t.r1 - rb).min(r);
@@ -613,17 +814,29 @@ fn run_task(t: &Task, j: &Job, pk: &Packed, g: Geometry, opt: &Options) -> TaskO
         } else {
             kernels::pack_block(opt.simd, g, j, rb, nrows, pk.dp, blk.buf_f32.as_mut_slice(), blk.buf_bf16.as_mut_slice(), &mut blk.sumsq, need_norm);
         }
-        if need_norm && opt.check_finite {
-            for rr in 0..nrows {
-                if !blk.sumsq[rr].is_finite() {
-                    let row = rb + rr;
-                    let e = if row_is_finite(j.bank, j.d, row) {
-                        SearchError::Overflow(t.job, row)
-                    } else {
-                        SearchError::NonFinite("bank", t.job, row)
-                    };
-                    return TaskOut { heaps, err: Some(e) };
+        // classify the rows: fp32 norm in the safe range (fast), else recheck in float64: zero
+        // (fast), NaN/Inf (bad), tiny or huge (slow: float64 per pair). Ip needs no norms; its rows
+        // are examined only when a score is non-finite.
+        for rr in 0..nrows {
+            rclass[rr] = FAST;
+            if !need_norm {
+                continue;
+            }
+            let bn = blk.sumsq[rr];
+            if bn >= SAFE_LO && bn <= SAFE_HI {
+                continue;
+            }
+            let row = rb + rr;
+            let s64 = sumsq64(j.bank, j.d, row);
+            if !s64.is_finite() {
+                if opt.check_finite {
+                    return TaskOut { heaps, err: Some(SearchError::NonFinite("bank", t.job, row)) };
                 }
+                rclass[rr] = BAD;
+            } else if s64 == 0.0 {
+                blk.sumsq[rr] = 0.0;
+            } else {
+                rclass[rr] = SLOW;
             }
         }
         for p in t.p0..t.p1 {
@@ -635,43 +848,70 @@ fn run_task(t: &Task, j: &Job, pk: &Packed, g: Geometry, opt: &Options) -> TaskO
             }
             let pq0 = p * l;
             let lanes_valid = (j.q - pq0).min(l);
-            for rr in 0..nrows {
+            let panel_special = pk.panel_special[p];
+            'rows: for rr in 0..nrows {
+                if rclass[rr] == BAD {
+                    continue;
+                }
                 let row = rb + rr;
+                let row_slow = rclass[rr] == SLOW;
                 let bn = blk.sumsq[rr];
                 let binv = if bn > 0.0 { 1.0 / bn.sqrt() } else { 0.0 };
                 let bg = j.bank_groups.map(|bg| bg[row]);
+                let maybe_special = row_slow || panel_special;
                 let orow = &out[rr * l..rr * l + lanes_valid];
-                for (lane, &raw) in orow.iter().enumerate() {
-                    let qi = pq0 + lane;
-                    let h = &mut heaps[qi - q0];
-                    if !raw.is_finite() {
-                        if !opt.check_finite {
-                            continue; // non-finite scores never qualify
-                        }
-                        let e = if row_is_finite(j.bank, j.d, row) {
-                            SearchError::Overflow(t.job, row)
-                        } else {
-                            SearchError::NonFinite("bank", t.job, row)
-                        };
-                        return TaskOut { heaps, err: Some(e) };
-                    }
-                    let gval = match opt.metric {
-                        Metric::Ip => raw,
-                        Metric::Cosine => raw * pk.qnorm[qi] * binv,
-                        Metric::L2 => {
-                            // clamp rounding below zero (a NaN stays NaN and never qualifies)
-                            let dist = pk.qnorm[qi] - 2.0 * raw + bn;
-                            -(if dist < 0.0 { 0.0 } else { dist })
-                        }
-                    };
-                    if gval > h.threshold() && gval >= gmin && gval <= gmax {
-                        if let (Some(bgv), Some(qg)) = (bg, j.query_groups) {
-                            if qg[qi] == bgv {
-                                continue;
+                // the lane loop, specialised on whether any pair of this row and panel may need the
+                // float64 path (tiny/huge norms; non-finite fp32 scores are checked in both)
+                macro_rules! lanes {
+                    ($special:expr) => {
+                        for (lane, &raw) in orow.iter().enumerate() {
+                            let qi = pq0 + lane;
+                            let fast = raw.is_finite() && !($special && (row_slow || pk.qclass[qi] != FAST));
+                            let gval = if fast {
+                                match opt.metric {
+                                    Metric::Ip => raw,
+                                    Metric::Cosine => raw * pk.qnorm[qi] * binv,
+                                    Metric::L2 => {
+                                        // clamp rounding below zero
+                                        let dist = pk.qnorm[qi] - 2.0 * raw + bn;
+                                        -(if dist < 0.0 { 0.0 } else { dist })
+                                    }
+                                }
+                            } else {
+                                // rare: a tiny/huge norm, or a non-finite fp32 score (NaN/Inf
+                                // input, or an fp32 overflow of finite values): float64
+                                if pk.qclass[qi] == BAD {
+                                    continue; // non-finite queries never qualify (check_finite off)
+                                }
+                                match slow_score(j, t.job, qi, row, opt.metric, opt.check_finite) {
+                                    Slow::Score(v) => v,
+                                    Slow::Skip => continue,
+                                    Slow::BadRow => {
+                                        if opt.check_finite {
+                                            return TaskOut { heaps, err: Some(SearchError::NonFinite("bank", t.job, row)) };
+                                        }
+                                        rclass[rr] = BAD; // non-finite rows never qualify
+                                        continue 'rows;
+                                    }
+                                    Slow::Err(e) => return TaskOut { heaps, err: Some(e) },
+                                }
+                            };
+                            let h = &mut heaps[qi - q0];
+                            if gval > h.threshold() && gval >= gmin && gval <= gmax {
+                                if let (Some(bgv), Some(qg)) = (bg, j.query_groups) {
+                                    if qg[qi] == bgv {
+                                        continue;
+                                    }
+                                }
+                                h.push(gval, row as i64);
                             }
                         }
-                        h.push(gval, row as i64);
-                    }
+                    };
+                }
+                if maybe_special {
+                    lanes!(true);
+                } else {
+                    lanes!(false);
                 }
             }
         }
@@ -682,8 +922,8 @@ fn run_task(t: &Task, j: &Job, pk: &Packed, g: Geometry, opt: &Options) -> TaskO
 
 /// Convenience: a single job, results as vectors `[q * k]`.
 pub fn search(job: &Job, opt: &Options) -> Result<(Vec<f32>, Vec<i64>), SearchError> {
-    let mut s = vec![0f32; job.q * opt.k];
-    let mut i = vec![0i64; job.q * opt.k];
+    validate(std::slice::from_ref(job), opt)?;
+    let (mut s, mut i) = alloc_output(job.q, opt.k, job.n)?;
     search_many(std::slice::from_ref(job), opt, &mut s, &mut i)?;
     Ok((s, i))
 }

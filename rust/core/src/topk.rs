@@ -15,7 +15,9 @@ fn worse(s1: f32, i1: i64, s2: f32, i2: i64) -> bool {
 
 impl TopK {
     pub fn new(k: usize) -> TopK {
-        TopK { k, s: Vec::with_capacity(k), id: Vec::with_capacity(k), thr: f32::NEG_INFINITY }
+        // grown on demand: k may be far larger than the number of entries ever offered
+        let cap = k.min(1024);
+        TopK { k, s: Vec::with_capacity(cap), id: Vec::with_capacity(cap), thr: f32::NEG_INFINITY }
     }
 
     /// Scores must exceed this to possibly enter (-inf while not full).

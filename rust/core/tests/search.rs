@@ -217,7 +217,7 @@ fn errors() {
     assert_eq!(job(&q2, &b).unwrap_err(), SearchError::NonFinite("queries", 0, 1));
     b[17] = 3e38;
     b[18] = 3e38;
-    assert_eq!(job(&q, &b).unwrap_err(), SearchError::Overflow(0, 4));
+    assert_eq!(job(&q, &b).unwrap_err(), SearchError::Overflow("bank", 0, 0, 4));
     let j = Job { queries: Elems::F32(&q), bank: Elems::F32(&b[..0]), q: 2, n: 0, d: 4, query_groups: None, bank_groups: None };
     assert!(matches!(search(&j, &Options::default()), Err(SearchError::Invalid("bank", _))));
     let j = Job { queries: Elems::F32(&q), bank: Elems::F32(&b), q: 2, n: 10, d: 4, query_groups: None, bank_groups: None };
@@ -232,4 +232,162 @@ fn topk_heap() {
         h.push(s, i);
     }
     assert_eq!(h.sorted(), vec![(5.0, 1), (5.0, 3), (4.0, 5)]);
+}
+
+fn one(q: &[f32], b: &[f32], d: usize, k: usize, metric: Metric, simd: Simd) -> Result<(Vec<f32>, Vec<i64>), SearchError> {
+    let j = Job { queries: Elems::F32(q), bank: Elems::F32(b), q: q.len() / d, n: b.len() / d, d, query_groups: None, bank_groups: None };
+    search(&j, &Options { k, metric, simd, threads: 2, ..Default::default() })
+}
+
+#[test]
+fn huge_k_is_an_error_or_padding_never_an_abort() {
+    let q = vec![1.0f32; 8];
+    let b = vec![1.0f32; 40];
+    for k in [1usize << 40, 1 << 62, usize::MAX] {
+        let e = one(&q, &b, 4, k, Metric::Ip, Simd::best()).unwrap_err();
+        assert!(matches!(e, SearchError::Invalid("k", _)), "{e}");
+    }
+    // k > N within reason: N results, then padding
+    let (s, i) = one(&q, &b, 4, 100_000, Metric::Ip, Simd::best()).unwrap();
+    assert_eq!(s.len(), 200_000);
+    assert_eq!(&i[..10], &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    assert!(i[10..100_000].iter().all(|&x| x == -1) && s[10..100_000].iter().all(|&x| x == f32::NEG_INFINITY));
+    // no queries: empty output for any k the address space allows
+    assert!(one(&[], &b, 4, 1 << 20, Metric::Ip, Simd::best()).unwrap().0.is_empty());
+    // a heap never allocates k slots up front
+    let mut h = TopK::new(usize::MAX);
+    h.push(1.0, 0);
+    assert_eq!(h.sorted(), vec![(1.0, 0)]);
+    assert!(matches!(alloc_output(4, usize::MAX / 2, 10), Err(SearchError::Invalid("k", _))));
+}
+
+#[test]
+fn threads_out_of_range_is_an_error() {
+    let q = vec![1.0f32; 8];
+    let b = vec![1.0f32; 40];
+    let j = Job { queries: Elems::F32(&q), bank: Elems::F32(&b), q: 2, n: 10, d: 4, query_groups: None, bank_groups: None };
+    let e = search(&j, &Options { threads: 1 << 40, ..Default::default() }).unwrap_err();
+    assert!(matches!(e, SearchError::Invalid("threads", _)), "{e}");
+}
+
+/// f64 reference of one pair, rounded to f32 (scores, not goodness).
+fn ref_score(x: &[f32], y: &[f32], metric: Metric) -> f32 {
+    let dot: f64 = x.iter().zip(y).map(|(&a, &b)| a as f64 * b as f64).sum();
+    let xx: f64 = x.iter().map(|&a| (a as f64).powi(2)).sum();
+    let yy: f64 = y.iter().map(|&a| (a as f64).powi(2)).sum();
+    (match metric {
+        Metric::Ip => dot,
+        Metric::Cosine => if xx > 0.0 && yy > 0.0 { dot / (xx.sqrt() * yy.sqrt()) } else { 0.0 },
+        Metric::L2 => x.iter().zip(y).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum(),
+    }) as f32
+}
+
+#[test]
+fn tiny_and_huge_vectors_match_float64() {
+    let d = 5;
+    let mut rng = Rng(7);
+    for simd in paths() {
+        for &nq in &[1usize, 3, 20] {
+            for &(qs, bs) in &[(1e-40f32, 1.0f32), (1.0, 1e-40), (1e-30, 1e-30), (1e-20, 1e-22), (1e18, 1.0), (1.0, 1e18),
+                               (1e30, 1e30), (1e-25, 1e25), (1.0, 1.0)] {
+                let q: Vec<f32> = (0..nq * d).map(|_| rng.normal() * qs).collect();
+                // bank: scaled rows, a zero row, and a plain row
+                let mut b: Vec<f32> = (0..30 * d).map(|_| rng.normal() * bs).collect();
+                b[5 * d..6 * d].fill(0.0);
+                for c in 0..d {
+                    b[6 * d + c] = rng.normal();
+                }
+                for metric in [Metric::Cosine, Metric::L2, Metric::Ip] {
+                    let n = b.len() / d;
+                    let r = one(&q, &b, d, n, metric, simd);
+                    // reference: every pair in f64
+                    let mut want_err = false;
+                    for i in 0..nq {
+                        for rr in 0..n {
+                            if !ref_score(&q[i * d..(i + 1) * d], &b[rr * d..(rr + 1) * d], metric).is_finite() {
+                                want_err = true;
+                            }
+                        }
+                    }
+                    let ctx = format!("{simd:?} {metric:?} q*{qs:e} b*{bs:e} nq={nq}");
+                    if want_err {
+                        assert!(matches!(r, Err(SearchError::Overflow(..))), "{ctx}: {r:?}");
+                        continue;
+                    }
+                    let (s, ids) = r.unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                    for i in 0..nq {
+                        let mut seen: Vec<i64> = ids[i * n..(i + 1) * n].to_vec();
+                        seen.sort();
+                        assert_eq!(seen, (0..n as i64).collect::<Vec<_>>(), "{ctx}: every row once");
+                        let sc = &s[i * n..(i + 1) * n];
+                        let sorted = if metric == Metric::L2 { sc.windows(2).all(|w| w[0] <= w[1]) } else { sc.windows(2).all(|w| w[0] >= w[1]) };
+                        assert!(sorted, "{ctx}: best first: {sc:?}");
+                        for slot in 0..n {
+                            let id = ids[i * n + slot];
+                            assert!(id >= 0, "{ctx}");
+                            let want = ref_score(&q[i * d..(i + 1) * d], &b[id as usize * d..(id as usize + 1) * d], metric);
+                            let got = s[i * n + slot];
+                            let tol = match metric {
+                                Metric::Cosine => 1e-5,
+                                _ => 1e-5 * want.abs().max(f32::MIN_POSITIVE) + 2e-45,
+                            };
+                            let tol = if metric == Metric::Ip { tol + 1e-6 * qs * bs * d as f32 } else { tol };
+                            assert!((got - want).abs() <= tol, "{ctx}: query {i} row {id}: {got:e} vs {want:e}");
+                            if metric == Metric::Cosine {
+                                assert!(got.abs() <= 1.0 + 1e-6, "{ctx}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn l2_overflow_is_an_error_on_either_side() {
+    let normal = [1.0f32, 0.0, 0.0, 1.0];
+    let huge = [2e19f32, 0.0];
+    for simd in paths() {
+        // query side
+        let e = one(&huge, &normal, 2, 2, Metric::L2, simd).unwrap_err();
+        assert!(matches!(e, SearchError::Overflow("queries", 0, 0, _)), "{simd:?}: {e}");
+        // bank side
+        let e = one(&normal[..2], &[2e19, 0.0, 0.0, 1.0], 2, 2, Metric::L2, simd).unwrap_err();
+        assert_eq!(e, SearchError::Overflow("bank", 0, 0, 0), "{simd:?}");
+        // both huge and close: the distance fits, computed correctly
+        let (s, i) = one(&huge, &[2e19, 1e10, 2e19, 0.0], 2, 2, Metric::L2, simd).unwrap();
+        assert_eq!(i, vec![1, 0]);
+        assert_eq!(s[0], 0.0);
+        assert!((s[1] - 1e20).abs() <= 1e20 * 1e-6, "{s:?}");
+        // cosine of huge vectors is exact, no overflow
+        let (s, i) = one(&huge, &[2e19, 1e10, 3e38, 3e38], 2, 2, Metric::Cosine, simd).unwrap();
+        assert_eq!(i, vec![0, 1]);
+        assert!((s[0] - 1.0).abs() < 1e-6 && (s[1] - std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-6, "{s:?}");
+        // ip: a partial sum overflows fp32 but the score fits -> exact; a true overflow -> error
+        let (s, _) = one(&[1.0, 1.0, -1.0], &[3e38, 3e38, 3e38], 3, 1, Metric::Ip, simd).unwrap();
+        assert!((s[0] - 3e38).abs() <= 3e38 * 1e-6, "{simd:?} {s:?}");
+        assert!(matches!(one(&[1.0, 1.0], &[3e38, 3e38], 2, 1, Metric::Ip, simd), Err(SearchError::Overflow("bank", 0, 0, 0))));
+    }
+}
+
+#[test]
+fn non_finite_inputs_never_qualify_without_check_finite() {
+    let q = [1.0f32, 0.0, f32::NAN, 0.0, 1e-30, 1e-30];
+    let b = [1.0f32, 0.0, f32::INFINITY, 0.0, 1e-30, 0.0, 0.0, 0.0];
+    for simd in paths() {
+        for metric in [Metric::Ip, Metric::Cosine, Metric::L2] {
+            let j = Job { queries: Elems::F32(&q), bank: Elems::F32(&b), q: 3, n: 4, d: 2, query_groups: None, bank_groups: None };
+            let (_, i) = search(&j, &Options { k: 4, metric, simd, check_finite: false, ..Default::default() }).unwrap();
+            assert!(i[4..8].iter().all(|&x| x == -1), "{simd:?} {metric:?}: {i:?}");
+            for qi in [0, 2] {
+                let mut got: Vec<i64> = i[qi * 4..qi * 4 + 3].to_vec();
+                got.sort();
+                assert_eq!(got, vec![0, 2, 3], "{simd:?} {metric:?}: {i:?}");
+                assert_eq!(i[qi * 4 + 3], -1);
+            }
+            let e = search(&j, &Options { k: 4, metric, simd, ..Default::default() }).unwrap_err();
+            assert_eq!(e, SearchError::NonFinite("queries", 0, 1));
+        }
+    }
 }
