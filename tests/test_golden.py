@@ -1,5 +1,6 @@
 """Behaviour pinned by golden files (tests/golden/): refactors must leave these bit-identical.
 
+- The tiny model's metrics.jsonl for each training method (tests/golden/record_training_metrics.py).
 - The judges' verdicts on every labelled set (XSTest's 2 x 450 human-labelled completions when
   ../shared/data is present, and data/judge_labels/), recorded by tests/golden/record_judge_verdicts.py.
 """
@@ -35,3 +36,30 @@ def test_judge_verdicts_unchanged(judge):
     for name, expected in golden.items():
         changed = [(i, e, g) for i, (e, g) in enumerate(zip(expected, now[name])) if e != g]
         assert len(now[name]) == len(expected) and not changed, f"{judge} on {name}: {changed[:10]}"
+
+
+def _training_recorder():
+    spec = importlib.util.spec_from_file_location("record_training_metrics", GOLDEN / "record_training_metrics.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["crl", "circuit_breakers", "repbend", "crl_mining_refinement"])
+def test_training_metrics_unchanged(name, tmp_path):
+    """The tiny model's metrics at a fixed seed, for each method and CRL with mining and refinement:
+    bit for bit on the machine that recorded them (CPU, torch version, one thread); elsewhere float
+    rounding may differ, so a relative 1e-5 is allowed there."""
+    recorder = _training_recorder()
+    golden = json.loads((GOLDEN / f"metrics_{name}.json").read_text())
+    rows = recorder.run(name, tmp_path)
+    exact = golden["machine"] == recorder.machine()
+    assert len(rows) == len(golden["rows"])
+    for got, want in zip(rows, golden["rows"]):
+        assert list(got) == list(want), f"step {want['step']}: keys {list(got)} != {list(want)}"
+        for key, value in want.items():
+            if exact or not isinstance(value, float):
+                assert got[key] == value, f"step {want['step']} {key}: {got[key]!r} != {value!r}"
+            else:
+                assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), f"step {want['step']} {key}"

@@ -364,6 +364,7 @@ def test_mined_terms_in_the_loss(tmp_path, tiny_model, harmful_encoded, tiny_tok
     import crl.kernels
     from crl.models import apply_lora
     from crl.training.config import LossConfig, MiningConfig
+    from crl.mining.stage import MiningStage
     from crl.training.step import LossComputer, StepBatches
 
     model, tokenizer = tiny_model
@@ -385,7 +386,8 @@ def test_mined_terms_in_the_loss(tmp_path, tiny_model, harmful_encoded, tiny_tok
         return real(anchors, positives, negatives, **kw)
 
     monkeypatch.setattr(crl.kernels, "triplet_loss", spy)
-    out = LossComputer(peft, loss_cfg, miner=miner, mining=mining)(batches, 0.0)
+    stage = MiningStage(miner, layers=loss_cfg.captured_layers, benign_layers=[2, 3], target_layers=[3])
+    out = LossComputer(peft, loss_cfg, mining=stage, mining_config=mining)(batches, 0.0)
     m = out.metrics
     # the mined negatives reach the kernel per sample: [L * S, k, d] with a row -> entry index
     mined_calls = [c for c in calls if len(c[1]) == 3 and c[1][1] == 3]

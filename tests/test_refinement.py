@@ -12,7 +12,7 @@ import torch
 from crl.data import collate, encode_example, load_demo
 from crl.models import apply_lora, build_tiny_llama
 from crl.training.config import RefinementConfig, load_train_config
-from crl.training.refinement import AdversarialRefiner, hardest_owners, response_cross_entropy
+from crl.mining.refinement import AdversarialRefiner, hardest_owners, response_cross_entropy
 from crl.training.step import token_selection
 from crl.training.trainer import Trainer
 

@@ -115,18 +115,17 @@ def test_baselines_train_and_log_their_terms(tmp_path: Path, pools_dir: Path, me
 
 
 def test_baseline_frame_centres_and_scales_on_the_frozen_rows() -> None:
-    from crl.training.config import LossConfig
-    from crl.training.step import LossComputer
+    from crl.methods import MethodContext
+    from crl.methods.baseline_frame import in_baseline_frame
 
     g = torch.Generator().manual_seed(0)
     shared = torch.zeros(2, 1, 6)
     shared[..., 0] = 50.0  # a "massive activation" shared by every state: raw cosines are all ~1
     fa, fb = torch.randn(2, 3, 6, generator=g) + shared, torch.randn(2, 4, 6, generator=g) + shared
     ta, tb = fa + 0.5 * torch.randn(2, 3, 6, generator=g), fb + 0.5 * torch.randn(2, 4, 6, generator=g)
-    raw = LossComputer(None, LossConfig(method="circuit_breakers"))  # type: ignore[arg-type]
-    assert all(x is y for x, y in zip(raw._baseline_frame(ta, fa, tb, fb), (ta, fa, tb, fb)))
-    framed = LossComputer(None, LossConfig(method="circuit_breakers", baseline_frame=True))  # type: ignore[arg-type]
-    out = framed._baseline_frame(ta, fa, tb, fb)
+    context = MethodContext()
+    assert all(x is y for x, y in zip(in_baseline_frame(context, False, ta, fa, tb, fb), (ta, fa, tb, fb)))
+    out = in_baseline_frame(context, True, ta, fa, tb, fb)
     frozen = torch.cat([fa, fb], dim=1)
     centre = frozen.mean(dim=1, keepdim=True)
     scale = (frozen - centre).norm(dim=-1).mean(dim=1)[:, None, None]
@@ -182,7 +181,7 @@ def test_config_errors_name_the_file_and_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"bad.toml: optim.lr: expected a number"):
         load_train_config(bad)
     bad.write_text("[loss]\nbenign_positive_distance = 'manhattan'\n")
-    with pytest.raises(ConfigError, match=r"bad.toml: loss: benign_positive_distance: expected one of"):
+    with pytest.raises(ConfigError, match=r"bad.toml: loss.benign_positive_distance: this key is now loss.crl.benign"):
         load_train_config(bad)
     bad.write_text("[loss]\nmethod = 'magic'\n")
     with pytest.raises(ConfigError, match=r"loss.method: expected one of 'crl'"):
@@ -201,10 +200,37 @@ def test_ready_configs_load(name: str) -> None:
 
 def test_yaml_config_and_overrides(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("loss:\n  method: repbend\n  alpha: {start: 1.0, end: 0.0}\noptim:\n  lr: 0.01\n")
-    config = load_train_config(path, ["optim.max_steps=7"])
+    path.write_text("loss:\n  method: repbend\n  repbend:\n    benign_distance_weight: {start: 1.0, end: 0.0}\n"
+                    "optim:\n  lr: 0.01\n")
+    config = load_train_config(path, ["optim.max_steps=7", "loss.repbend.retain_kl_weight=0.25"])
     assert config.loss.method == "repbend" and config.optim.max_steps == 7
-    assert config.loss.alpha.at(0.5) == pytest.approx(0.5)
+    assert config.loss.repbend.benign_distance_weight.at(0.5) == pytest.approx(0.5)
+    assert config.loss.method_config.retain_kl_weight.at(0.9) == 0.25
+
+
+@pytest.mark.parametrize("old, new", [
+    ("alpha", "loss.crl.benign_weight, loss.circuit_breakers.coefficient or loss.repbend.benign_distance_weight"),
+    ("beta", "loss.crl.harmful_weight or loss.repbend.harmful_distance_weight"),
+    ("gamma", "loss.crl.retain_kl_weight or loss.repbend.harmful_dissimilarity_weight"),
+    ("epsilon", "loss.repbend.retain_kl_weight"),
+    ("harmful_margin", "loss.crl.harmful_margin"),
+    ("benign_positive_distance", "loss.crl.benign_positive_distance"),
+])
+def test_old_loss_keys_name_their_new_place(old: str, new: str) -> None:
+    """The method-specific keys moved into each method's section; the old ones fail naming it."""
+    with pytest.raises(ConfigError, match=f"configs/tiny.toml: loss.{old}: this key is now {new}$"):
+        load_train_config(REPO / "configs" / "tiny.toml", [f"loss.{old}=0.5"])
+
+
+def test_every_method_has_its_config_section() -> None:
+    from crl.methods import METHODS
+    from crl.training.config import LossConfig
+
+    config = LossConfig()
+    for name, method in METHODS.items():
+        assert isinstance(getattr(config, name), method.Config)
+    with pytest.raises(ConfigError, match="loss.crl.harmful_margin: expected a number"):
+        load_train_config(REPO / "configs" / "tiny.toml", ['loss.crl.harmful_margin="big"'])
 
 
 def test_token_selection_modes() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import types
 from pathlib import Path
@@ -24,6 +25,22 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A bad configuration value: the message names the file, the key and what was expected."""
+
+
+@dataclasses.dataclass
+class Schedule:
+    """A coefficient: constant (`end` unset) or linear from `start` to `end` over the run. In a file,
+    a plain number is a constant; a table `{start = .., end = ..}` a linear schedule."""
+
+    start: float
+    end: float | None = None
+
+    def at(self, progress: float) -> float:
+        return self.start if self.end is None else self.start + (self.end - self.start) * progress
+
+    def validate(self) -> None:
+        require(math.isfinite(self.start), "start", "a finite number", self.start)
+        require(self.end is None or math.isfinite(self.end), "end", "a finite number or unset", self.end)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -115,6 +132,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if tp is Schedule and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _build(Schedule, {"start": value}, where)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {value!r}")
@@ -159,10 +178,13 @@ def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
     unknown = sorted(set(data) - set(fields))
     moved = getattr(cls, "MOVED_KEYS", {})
     for key in unknown:
-        if key in moved:
+        if key in moved:  # a key that moved: name its new place (or places, by another key's value)
             prefix = where if where.endswith(": ") else f"{where}."
             head = prefix.rsplit(": ", 1)[-1]
-            raise ConfigError(f"{prefix}{key}: this key is now {head}{moved[key]}")
+            places = moved[key] if isinstance(moved[key], tuple) else (moved[key],)
+            named = [f"{head}{place}" for place in places]
+            new = named[0] if len(named) == 1 else ", ".join(named[:-1]) + " or " + named[-1]
+            raise ConfigError(f"{prefix}{key}: this key is now {new}")
     if unknown:
         raise ConfigError(
             f"{where.rstrip(': ') if where.endswith(': ') else where}: unknown key(s) {', '.join(repr(u) for u in unknown)}; expected some of: {', '.join(sorted(fields))}"
@@ -213,4 +235,4 @@ def require(condition: bool, key: str, expected: str, got: Any) -> None:
         raise ConfigError(f"{key}: expected {expected}, got {got!r}")
 
 
-__all__ = ["ConfigError", "apply_overrides", "from_dict", "load_config_file", "require", "to_dict"]
+__all__ = ["ConfigError", "Schedule", "apply_overrides", "from_dict", "load_config_file", "require", "to_dict"]

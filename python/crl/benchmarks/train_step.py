@@ -168,9 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from crl.demo import preset_path
-    from crl.models import load_model
+    from crl.models import DTYPES, load_model
     from crl.training.config import load_train_config
-    from crl.training.trainer import DTYPES
 
     sets = list(args.set) + ([f'model.name="{args.model}"'] if args.model else [])
     config = load_train_config(args.config or preset_path(), sets)

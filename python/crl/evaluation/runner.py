@@ -29,9 +29,6 @@ import torch
 from crl.attacks.base import AttackPrompt, AttackResult
 from crl.evaluation.config import AttackConfig, EvalConfig, PromptSetConfig
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 # --------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------
@@ -42,7 +39,7 @@ class ModelPool:
 
     def __init__(self, base_spec: str, adapters: dict[str, str | Path], *, dtype: str = "float32", device: str = "cpu",
                  cache_dir: str | None = None):
-        from crl.models import load_model
+        from crl.models import DTYPES, load_model
 
         self.base_spec = base_spec
         model, tokenizer = load_model(base_spec, dtype=DTYPES[dtype], device=device, cache_dir=cache_dir)

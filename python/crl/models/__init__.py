@@ -25,13 +25,13 @@ from crl.models.anatomy import (
 from crl.models.capture import capture_hidden_states, first_tensor, fsdp_lazy_init, padding_known
 from crl.models.errors import ModelLoadError
 from crl.models.gguf import SMOLLM2_CACHE_NAME, convert_gguf, default_cache_dir, smollm2_gguf_path
-from crl.models.loading import load_model
+from crl.models.loading import DTYPES, load_model
 from crl.models.lora import apply_lora
 from crl.models.tiny import CHATML_TEMPLATE, build_tiny_llama, build_tiny_tokenizer
 from crl.models.tokenizers import ensure_padding
 
 __all__ = [
-    "CHATML_TEMPLATE", "ModelLoadError", "SMOLLM2_CACHE_NAME", "apply_lora", "build_tiny_llama", "build_tiny_tokenizer",
+    "CHATML_TEMPLATE", "DTYPES", "ModelLoadError", "SMOLLM2_CACHE_NAME", "apply_lora", "build_tiny_llama", "build_tiny_tokenizer",
     "capture_hidden_states", "convert_gguf", "decoder_layers", "default_cache_dir", "ensure_padding", "final_norm",
     "first_tensor", "fsdp_lazy_init", "hidden_size", "input_embeddings", "linear_projection_names", "load_model",
     "lora_layers_for_targets", "num_hidden_layers", "padding_known", "smollm2_gguf_path", "unwrap_model",

@@ -16,6 +16,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
+#: The weight dtypes a config names, as torch dtypes.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def _load_folder(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -86,4 +90,4 @@ def load_model(
     return model, tokenizer
 
 
-__all__ = ["load_model"]
+__all__ = ["DTYPES", "load_model"]

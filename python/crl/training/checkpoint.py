@@ -103,7 +103,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in state["cuda"]])
 
 
-def _numpy_state_to_plain(state: Any) -> Any:
+def numpy_state_to_plain(state: Any) -> Any:
     kind, keys, pos, has_gauss, cached = state
     return [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)]
 
@@ -134,7 +134,7 @@ def write_checkpoint(
         save_state(tmp, "optimizer", optimizer)
         save_state(tmp, "scheduler", scheduler)
         rng = rng_state()
-        rng["numpy"] = _numpy_state_to_plain(rng["numpy"])
+        rng["numpy"] = numpy_state_to_plain(rng["numpy"])
         save_state(tmp, "rng", rng)
         for name, state in (extra or {}).items():
             save_state(tmp, name, state)

@@ -427,10 +427,10 @@ class DistributedContext:
 
 def rng_states_plain(ctx: DistributedContext) -> list[Any]:
     """Every rank's RNG state (for the checkpoint), in a form `write_checkpoint` can store."""
-    from crl.training.checkpoint import _numpy_state_to_plain, rng_state
+    from crl.training.checkpoint import numpy_state_to_plain, rng_state
 
     state = rng_state()
-    state["numpy"] = _numpy_state_to_plain(state["numpy"])
+    state["numpy"] = numpy_state_to_plain(state["numpy"])
     return ctx.all_gather_object(state)
 
 

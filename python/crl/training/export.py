@@ -50,8 +50,7 @@ def merge_adapter(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Write the base model with the run's adapter merged in, plus its tokenizer, to out_dir."""
     from peft import PeftModel
 
-    from crl.models import load_model
-    from crl.training.trainer import DTYPES
+    from crl.models import DTYPES, load_model
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     adapter = run_dir / "adapter"

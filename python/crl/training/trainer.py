@@ -35,9 +35,6 @@ from crl.training.config import TrainConfig
 from crl.training.metrics import average_micro_batches, read_values, reduce_over_ranks
 from crl.training.step import LossComputer, StepBatches, contrast_selection, row_totals, step_rows, token_selection
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -143,7 +140,7 @@ class Trainer:
         self._check_output_dir()
         seed_everything(config.run.seed)
         if model is None:
-            from crl.models import load_model
+            from crl.models import DTYPES, load_model
 
             model, tokenizer = load_model(config.model.name, dtype=DTYPES[config.model.dtype])
         self.tokenizer = tokenizer
@@ -154,34 +151,67 @@ class Trainer:
             self.streams = self._build_streams()
         self.miner = None
         self.refiner = None
-        bank_model_hash = None
-        if config.mining.enabled and not self.fsdp:
-            # The frozen bank, through the base model (every rank in lock-step under multiple processes).
+        bank_model_hash = self._frozen_bank_before_lora(model)
+        self.model = self._with_lora(model, bank_model_hash)
+        self._build_optimizer()
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if config.refinement.enabled:
+            self.refiner = self._build_refiner(unwrapped)
+        mining = None
+        if self.miner is not None:
+            from crl.mining.stage import MiningStage
+
+            mining = MiningStage(self.miner, layers=config.loss.captured_layers,
+                                 benign_layers=config.loss.resolved_benign_layers,
+                                 target_layers=config.loss.target_layers, refiner=self.refiner, dist=self.dist)
+        self.loss = LossComputer(
+            unwrapped, config.loss, autocast=self.accelerator.device.type == "cuda",
+            mining=mining, mining_config=config.mining, dist=self.dist, device=self.accelerator.device,
+        )
+        self.step = 0
+        if self.dist is not None and self.dist.rank > 0:
+            # Own random streams per rank (LoRA dropout) after the identical initialisation.
+            seed_everything(config.run.seed + 1_000_003 * self.dist.rank)
+
+    def _frozen_bank_before_lora(self, model: torch.nn.Module) -> str | None:
+        """The frozen bank through the base model (every rank in lock-step under several processes);
+        under FSDP only the whole base model's fingerprint (on rank 0), since the bank is built through
+        the sharded model later, under the same key."""
+        if not self.config.mining.enabled:
+            return None
+        if not self.fsdp:
             self.miner = self._build_miner(model)
-        elif config.mining.enabled and self.is_main:
-            # FSDP: the bank is built through the sharded model below; its key hashes the whole base
-            # model, which only exists here, before sharding (the same key as without FSDP).
+            return None
+        if self.is_main:
             from crl.mining import model_fingerprint
 
-            bank_model_hash = model_fingerprint(model)
+            return model_fingerprint(model)
+        return None
+
+    def _with_lora(self, model: torch.nn.Module, bank_model_hash: str | None) -> torch.nn.Module:
+        """The model with its LoRA adapters, on the device (sharded under FSDP, where the frozen bank is
+        built now, through the sharded model)."""
         from crl.models import apply_lora
 
-        lora = config.lora
-        self.model = apply_lora(
+        lora = self.config.lora
+        peft_model = apply_lora(
             model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-            target_modules=lora.target_modules, layers=lora_layers_for(config),
+            target_modules=lora.target_modules, layers=lora_layers_for(self.config),
         )
-        if self.fsdp:
-            self.dist.shard_model(self.model)  # the frozen weights sharded onto the devices; LoRA whole
-            held = self.dist.frozen_fraction_held(self.model)
-            if self.is_main:
-                print(f"crl: FSDP2 over {self.dist.world_size} processes: each holds {held:.1%} of the frozen "
-                      "weights (one shard group per decoder layer); LoRA weights whole on every process")
-            if config.mining.enabled:  # every rank runs the bank's passes (each one a collective)
-                with self.model.disable_adapter():
-                    self.miner = self._build_miner(self.model, model_hash=bank_model_hash)
-        else:
-            self.model.to(self.accelerator.device)
+        if not self.fsdp:
+            return peft_model.to(self.accelerator.device)
+        self.dist.shard_model(peft_model)  # the frozen weights sharded onto the devices; LoRA whole
+        held = self.dist.frozen_fraction_held(peft_model)
+        if self.is_main:
+            print(f"crl: FSDP2 over {self.dist.world_size} processes: each holds {held:.1%} of the frozen "
+                  "weights (one shard group per decoder layer); LoRA weights whole on every process")
+        if self.config.mining.enabled:  # every rank runs the bank's passes (each one a collective)
+            with peft_model.disable_adapter():
+                self.miner = self._build_miner(peft_model, model_hash=bank_model_hash)
+        return peft_model
+
+    def _build_optimizer(self) -> None:
+        config = self.config
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config))
@@ -197,18 +227,6 @@ class Trainer:
             # explicitly), and the scheduler is not prepared (accelerate would step it once per process).
             self.optimizer = self.accelerator.prepare(self.optimizer)
             self.dist.broadcast_parameters(params)
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        if config.refinement.enabled:
-            self.refiner = self._build_refiner(unwrapped)
-        self.loss = LossComputer(
-            unwrapped, config.loss, autocast=self.accelerator.device.type == "cuda",
-            miner=self.miner, mining=config.mining, refiner=self.refiner, dist=self.dist,
-            device=self.accelerator.device,
-        )
-        self.step = 0
-        if self.dist is not None and self.dist.rank > 0:
-            # Own random streams per rank (LoRA dropout) after the identical initialisation.
-            seed_everything(config.run.seed + 1_000_003 * self.dist.rank)
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -366,7 +384,7 @@ class Trainer:
         )
 
     def _build_refiner(self, model: torch.nn.Module):
-        from crl.training.refinement import AdversarialRefiner
+        from crl.mining.refinement import AdversarialRefiner
 
         device = self.accelerator.device
         amp = (lambda: torch.autocast(device_type="cuda", dtype=torch.bfloat16)) if device.type == "cuda" else None

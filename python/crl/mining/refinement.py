@@ -43,7 +43,7 @@ from crl.attacks.latent import ResidualPerturbation
 from crl.data import collate
 from crl.losses.objectives import RowIndex
 from crl.models import capture_hidden_states, hidden_size, num_hidden_layers, unwrap_model
-from crl.training.config import RefinementConfig
+from crl.mining.config import RefinementConfig
 
 
 @dataclass
@@ -190,20 +190,7 @@ class AdversarialRefiner:
         attn = batch.attention_mask
         layer = self.layer_at(step)
         per_sample = cfg.persistence == "per_sample"
-        if per_sample:
-            # A fresh per-token delta for these samples, attacked from zero (nothing to persist).
-            pert = ResidualPerturbation(layer, batch.input_ids.shape[0], batch.input_ids.shape[1], self.hidden,
-                                        eps=cfg.eps, norm=cfg.norm, shape="token", mask=prompt, device=self.device)
-            opt = pert.make_optimizer(lr=1e-3)
-            attack_now = cfg.steps > 0
-        else:
-            pert = self.perturbations[layer]
-            opt = self.optimizers[layer]
-            saved = pert.delta.detach().clone()
-            pert.resize_(batch.input_ids.shape[0], batch.input_ids.shape[1], mask=prompt, optimizer=opt)
-            with torch.no_grad():
-                pert.delta.copy_(saved)  # resize_ zeroes it; the universal delta persists
-            attack_now = self.refresh_due(step) and cfg.steps > 0
+        pert, opt, attack_now = self._perturbation(layer, batch.input_ids.shape, prompt, step)
         values: dict[str, Any] = {"attack_layer": float(layer), "attack_samples": float(len(sample_ids))}
         was_training = model.training
         try:
@@ -253,6 +240,22 @@ class AdversarialRefiner:
         values["seconds_refinement"] = time.perf_counter() - t0
         ids = torch.as_tensor(list(sample_ids), dtype=torch.int64)
         return Refined(trained, frozen, selection, ids, values, rows)
+
+    def _perturbation(self, layer: int, shape: Sequence[int], prompt: torch.Tensor, step: int):
+        """(perturbation, its optimizer, whether to attack now) for a batch of `shape` [B, T]: a fresh
+        per-token one (per_sample: attacked from zero, nothing persists), or the layer's universal
+        one, resized to the batch with its values kept (attacked when a refresh is due)."""
+        cfg = self.config
+        if cfg.persistence == "per_sample":
+            pert = ResidualPerturbation(layer, shape[0], shape[1], self.hidden, eps=cfg.eps, norm=cfg.norm,
+                                        shape="token", mask=prompt, device=self.device)
+            return pert, pert.make_optimizer(lr=1e-3), cfg.steps > 0
+        pert, opt = self.perturbations[layer], self.optimizers[layer]
+        saved = pert.delta.detach().clone()
+        pert.resize_(shape[0], shape[1], mask=prompt, optimizer=opt)
+        with torch.no_grad():
+            pert.delta.copy_(saved)  # resize_ zeroes it; the universal delta persists
+        return pert, opt, self.refresh_due(step) and cfg.steps > 0
 
     def _to_device(self, x):
         """A host tensor or batch on the device without a blocking copy (pinned on a GPU)."""

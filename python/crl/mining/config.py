@@ -1,0 +1,108 @@
+"""The `[mining]` and `[refinement]` sections of the training config (docs/hard_negatives.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from crl.config import require
+
+MiningBackend = Literal["auto", "native", "native_fp32", "faiss_flat", "faiss_ivf", "faiss_hnsw"]
+
+
+@dataclass
+class MiningConfig:
+    """Hard-negative mining from a representation bank (docs/hard_negatives.md). Off by default."""
+
+    enabled: bool = False
+    k: int = 4
+    """Mined negatives per anchor sample and layer."""
+    backend: MiningBackend = "auto"
+    """Index over the frozen bank: `native` (exact Rust miner), `native_fp32`, `faiss_flat`,
+    `faiss_ivf`, `faiss_hnsw`, or `auto` (native when the bank fits in memory, IVF beyond)."""
+    metric: Literal["cosine", "ip"] = "cosine"
+    """Similarity used to rank bank vectors."""
+    combine: Literal["add", "replace"] = "add"
+    """`add`: the mined triplet terms, times `weight`, are added to the batch-centroid terms;
+    `replace`: the mined negatives replace the centroid (benign) and h(x) (harmful) negatives."""
+    weight: float = 1.0
+    """Weight of the mined terms with combine = add."""
+    center: bool = True
+    """Rank in the loss's frame: bank, queue and queries minus the frozen bank's per-layer mean
+    (the index then holds a centred copy of the bank). False ranks the raw vectors in place."""
+    bank_dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    bank_size: int = 100_000
+    """Harmful samples in the frozen bank at most (a seeded subset beyond)."""
+    queue_size: int = 4096
+    """Trained-model vectors per layer kept in the queue."""
+    cache_dir: str | None = None
+    """Where frozen banks are cached (keyed by model, data, layers, pooling); None = $CRL_CACHE/banks."""
+    bank_batch_size: int = 8
+    nlist: int = 0
+    """IVF lists (0 = about 4 sqrt(N))."""
+    nprobe: int = 32
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 128
+    auto_native_max_gib: float = 8.0
+    """With backend = auto: the largest bank (GiB, as stored) searched by the native miner."""
+    threads: int | None = None
+    """Search threads (None = all cores)."""
+
+    def validate(self) -> None:
+        require(self.k >= 1, "k", "an integer >= 1", self.k)
+        require(self.weight >= 0, "weight", "a number >= 0", self.weight)
+        require(self.bank_size >= 2, "bank_size", "an integer >= 2", self.bank_size)
+        require(self.queue_size >= 1, "queue_size", "an integer >= 1", self.queue_size)
+        require(self.bank_batch_size >= 1, "bank_batch_size", "an integer >= 1", self.bank_batch_size)
+        require(self.nlist >= 0, "nlist", "an integer >= 0", self.nlist)
+        require(self.nprobe >= 1, "nprobe", "an integer >= 1", self.nprobe)
+        require(self.hnsw_m >= 2, "hnsw_m", "an integer >= 2", self.hnsw_m)
+        require(self.hnsw_ef_search >= 1, "hnsw_ef_search", "an integer >= 1", self.hnsw_ef_search)
+        require(self.auto_native_max_gib > 0, "auto_native_max_gib", "a number > 0", self.auto_native_max_gib)
+        require(self.threads is None or self.threads >= 1, "threads", "an integer >= 1 or unset", self.threads)
+
+
+@dataclass
+class RefinementConfig:
+    """Adversarial refinement of the samples owning the hardest negatives (needs mining). Off by default."""
+
+    enabled: bool = False
+    target: Literal["residual", "embedding"] = "residual"
+    """`residual`: perturb hidden state l (drawn from `layers`); `embedding`: the input embeddings."""
+    layers: list[int] = field(default_factory=lambda: [2, 4])
+    """[low, high]: the attacked hidden state is drawn uniformly from low..high (inclusive) once
+    per refresh period; low = high fixes it. Hidden state l >= 1 is the output of decoder layer l-1."""
+    eps: float = 0.1
+    """Bound, relative to the clean hidden state: L2 norm <= eps ||h|| (norm = l2) or each
+    coordinate <= eps rms(h) (norm = linf)."""
+    norm: Literal["l2", "linf"] = "l2"
+    steps: int = 2
+    """Adam steps on the perturbation per refresh."""
+    refresh_every: int = 1
+    """Optimizer steps between refreshes; in between, the persisted perturbation is applied as is."""
+    lr: float = 0.2
+    """Adam step size as a fraction of the bound: Adam's lr is set to lr * eps * rms(h) (rms over the
+    attacked tokens' clean states), so one step moves the perturbation by about lr * eps * ||h||."""
+    probability: float = 1.0
+    """Chance that a micro-batch gets attacked anchors."""
+    samples: int = 2
+    """Samples attacked per micro-batch (the owners of the hardest negatives)."""
+    persistence: Literal["universal", "per_sample"] = "universal"
+    """`universal`: one [1, 1, d] perturbation per layer, kept across micro-batches and refined
+    `steps` Adam steps every `refresh_every` optimizer steps (cheap, a universal adversarial
+    perturbation). `per_sample`: a fresh per-token perturbation for each attacked sample, from zero,
+    `steps` Adam steps at every attacked micro-batch (the attack the evaluation runs; costs `steps`
+    forward and backward passes of `samples` sequences per micro-batch)."""
+
+    def validate(self) -> None:
+        require(len(self.layers) == 2 and 1 <= self.layers[0] <= self.layers[1], "layers",
+                "[low, high] with 1 <= low <= high", self.layers)
+        require(self.eps > 0, "eps", "a number > 0", self.eps)
+        require(self.steps >= 0, "steps", "an integer >= 0", self.steps)
+        require(self.refresh_every >= 1, "refresh_every", "an integer >= 1", self.refresh_every)
+        require(self.lr > 0, "lr", "a number > 0", self.lr)
+        require(0.0 <= self.probability <= 1.0, "probability", "a number in [0, 1]", self.probability)
+        require(self.samples >= 1, "samples", "an integer >= 1", self.samples)
+
+
+__all__ = ["MiningBackend", "MiningConfig", "RefinementConfig"]
