@@ -14,7 +14,7 @@ random vocabulary tokens), ``"zeros"`` (small Gaussian noise scaled to the embed
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -53,7 +53,6 @@ class EmbeddingAttack:
         self.relative_lr = relative_lr
 
     def _init_suffix(self, model: Any, tokenizer: Any, init: str, gen: torch.Generator) -> torch.Tensor:
-        emb = embed_tokens(model, torch.zeros(1, dtype=torch.long)).detach()
         weight = model.get_input_embeddings().weight.detach()
         if init == "bang":
             ids = tokenizer("!", add_special_tokens=False)["input_ids"][:1] or [0]

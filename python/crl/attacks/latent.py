@@ -87,11 +87,6 @@ class ResidualPerturbation(nn.Module):
         self.mask = mask.to(device=self.delta.device, dtype=torch.float32)
 
     @torch.no_grad()
-    def reset_(self) -> None:
-        """Zero the delta (in place: an optimiser holding it keeps working)."""
-        self.delta.zero_()
-
-    @torch.no_grad()
     def resize_(self, batch: int, seq_len: int, *, mask: torch.Tensor | None = None,
                 optimizer: torch.optim.Optimizer | None = None) -> None:
         """Zero the delta for a new batch of another size; the Parameter object stays the same, and

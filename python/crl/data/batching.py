@@ -52,10 +52,6 @@ class Batch:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
 
 def collate(
     encoded: Sequence[EncodedExample], pad_token_id: int, *, indices: Sequence[int] | None = None

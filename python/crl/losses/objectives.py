@@ -67,10 +67,6 @@ class LayerRows:
     row_sample: torch.Tensor
     """[R] int64: index (within the micro-batch) of the sample each row belongs to."""
 
-    def at(self, layers: list[int]) -> torch.Tensor:
-        """The [len(layers), R, d] slice of the given layers (a view when they are contiguous)."""
-        return take_layers(self.states, [self.layers.index(l) for l in layers])
-
 
 _INDEX_CACHE: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
 

@@ -9,8 +9,9 @@ Per micro-batch, with the per-sample pooled trained states as queries (detached)
 
 Results are per-sample negatives ``[L * S, k, d]`` fp32 (entry ``l * S + s``) for the fused triplet
 kernel's ``negative_index``; a query with fewer than k qualifying entries repeats its best one, and
-one with none is reported in ``valid`` (its rows get weight 0). The queue is then refreshed with
-the batch's trained harmful states.
+one with none is reported in ``valid`` (the mining stage then stops the run with an error: the bank
+must hold at least two harmful samples). The queue is then refreshed with the batch's trained
+harmful states.
 
 Ranking in the loss's frame (`center=True`): chat models' states share a large component (SmolLM2:
 about 70% of the norm), which makes every raw cosine about 0.7 and the ranking close to arbitrary;
@@ -52,11 +53,6 @@ class Mined:
     def all_valid(self) -> bool:
         """Whether every sample got a negative (`valid` is host memory: no synchronisation)."""
         return bool(self.valid.all())
-
-    def flat(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(negatives [L*S, k, d], valid [L*S]) on `device`."""
-        num_layers, s, k, d = self.negatives.shape
-        return self.negatives.reshape(num_layers * s, k, d).to(device), self.valid.repeat(num_layers).to(device)
 
 
 MINING_STAT_KEYS = tuple(
