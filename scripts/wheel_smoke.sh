@@ -2,8 +2,9 @@
 # Builds the abi3 wheel and the sdist, installs the wheel into a fresh virtual environment with no
 # source tree at hand, and smoke-tests it: import, a native search checked against numpy, and a
 # two-step training run of the tiny model through the `crl` command.
-# The venv sees the system site-packages for the heavy dependencies (torch, transformers, ...), but
-# crl itself comes only from the wheel.
+# The smoke venv sees the heavy dependencies (torch, transformers, ...) of the *active* interpreter
+# (`python3` on PATH: a virtualenv's when one is active, else the system's), but crl itself comes
+# only from the wheel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=$(mktemp -d)
@@ -14,12 +15,38 @@ maturin sdist --out "$work/dist" >/dev/null
 wheel=$(ls "$work"/dist/crl-*-abi3-*.whl)
 ls "$work"/dist/crl-*.tar.gz >/dev/null
 echo "built $(basename "$wheel") and $(basename "$(ls "$work"/dist/crl-*.tar.gz)")"
-python3 -m venv --system-site-packages "$work/venv"
+# `python3 -m venv --system-site-packages` is not enough: inside a virtualenv it exposes the *base*
+# interpreter's site-packages, which need not have numpy or torch (they live in the active venv).
+# So the smoke venv is isolated, and a .pth file in its site-packages adds the active interpreter's
+# site directories with site.addsitedir (their own .pth files apply, as for system site-packages).
+# They come after the smoke venv's own site-packages, so `import crl` finds the wheel's copy (checked
+# below), never an editable install or the source tree.
+python3 -m venv "$work/venv"
+venv_site=$("$work/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+python3 - "$venv_site/_crl_smoke_active_env.pth" <<'PY'
+import os
+import site
+import sys
+
+cands = list(site.getsitepackages())
+if site.ENABLE_USER_SITE:
+    cands.append(site.getusersitepackages())
+dirs = [p for p in sys.path if p in cands]  # in the active interpreter's order
+dirs += [p for p in cands if p not in dirs and os.path.isdir(p)]
+dirs = list(dict.fromkeys(dirs))
+with open(sys.argv[1], "w") as f:
+    for d in dirs:
+        f.write(f"import site; site.addsitedir({d!r})\n")
+print("smoke venv sees the site-packages of", sys.executable + ":", ", ".join(dirs))
+PY
 "$work/venv/bin/python" -m pip install --quiet --no-deps --force-reinstall "$wheel"
 cd "$work"   # no source tree here
-"$work/venv/bin/python" - <<'PY'
+SMOKE_VENV="$work/venv" "$work/venv/bin/python" - <<'PY'
+import os
 import crl, crl._native as native, numpy as np
-assert "site-packages" in crl.__file__, crl.__file__
+venv = os.path.realpath(os.environ["SMOKE_VENV"])
+for f in (crl.__file__, native.__file__):  # the wheel's crl, not an editable install or the source tree
+    assert os.path.realpath(f).startswith(venv + os.sep) and "site-packages" in f, f
 rng = np.random.default_rng(0)
 bank = rng.standard_normal((500, 67)).astype(np.float32)
 queries = rng.standard_normal((3, 67)).astype(np.float32)
