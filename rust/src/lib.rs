@@ -200,13 +200,16 @@ fn int_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Result<i64, i32>> {
     }
 }
 
-/// `k`: >= 1. Too large a value is rejected later by the output-size check (crl_core::output_len).
+/// `k`: >= 1 and within int64; too large a value for the output is rejected by crl_core::output_len.
 fn parse_k(obj: &Bound<'_, PyAny>) -> PyResult<usize> {
     match int_arg(obj, "k")? {
         Ok(k) if k >= 1 => Ok(k as usize),
         Ok(k) => Err(PyValueError::new_err(format!("k: expected k >= 1, got {k}"))),
         Err(s) if s < 0 => Err(PyValueError::new_err(format!("k: expected k >= 1, got {obj}"))),
-        Err(_) => Ok(usize::MAX),
+        Err(_) => Err(PyValueError::new_err(format!(
+            "k: k = {obj} is too large (beyond int64); at most N results exist per query (the bank size), \
+             slots past that are padding (id -1)"
+        ))),
     }
 }
 
