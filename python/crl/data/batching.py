@@ -29,6 +29,10 @@ class Batch:
     padded: bool | None = None
     """Whether any row is shorter than the batch (right padding), known on the host when collated
     (None: unknown). Passes can hand it to the attention-mask code, which need not read the mask."""
+    global_size: int | None = None
+    """Under several processes: the number of sequences of the global batch this batch is one rank's
+    slice of (set by the trainer; a host int, for means over sequences). None: this batch is the
+    whole batch."""
 
     def to(self, device: str | torch.device, non_blocking: bool = False) -> Batch:
         return replace(

@@ -224,15 +224,31 @@ def crl_harmful_triplet(
     )
 
 
+KL_REDUCTIONS = ("token_mean", "batchmean")
+
+
 def retain_kl(
-    frozen_logits: torch.Tensor, trained_logits: torch.Tensor, temperature: float
+    frozen_logits: torch.Tensor, trained_logits: torch.Tensor, temperature: float, *,
+    reduction: str = "token_mean", num_sequences: int | None = None,
 ) -> torch.Tensor:
-    """T^2 * KL(softmax(z_M / T) || softmax(z_M' / T)), averaged over the given [N, V] token rows."""
+    """T^2 * KL(softmax(z_M / T) || softmax(z_M' / T)) over the given [N, V] token rows.
+
+    `reduction`: ``token_mean`` averages the per-token KL over the N rows; ``batchmean`` sums it over
+    the rows and divides by `num_sequences`, the number of sequences the rows come from: the reference
+    code's ``F.kl_div(..., reduction="batchmean")`` on [B, T, V] logits, whose padded positions hold
+    zero logits in both models (a uniform distribution each, so a KL of 0), which sums over tokens and
+    vocabulary and divides by B."""
+    if reduction not in KL_REDUCTIONS:
+        raise ValueError(f"retain_kl: reduction must be one of {', '.join(KL_REDUCTIONS)}, got {reduction!r}")
+    if reduction == "batchmean" and (num_sequences is None or num_sequences < 1):
+        raise ValueError(f"retain_kl: reduction 'batchmean' needs num_sequences >= 1, got {num_sequences!r}")
     if frozen_logits.shape[0] == 0:
         return trained_logits.sum() * 0.0
     log_p = F.log_softmax(frozen_logits.float() / temperature, dim=-1)
     log_q = F.log_softmax(trained_logits.float() / temperature, dim=-1)
     kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+    if reduction == "batchmean":
+        return temperature**2 * kl.sum() / num_sequences
     return temperature**2 * kl.mean()
 
 
@@ -296,5 +312,5 @@ def repbend_terms(
 
 __all__ = [
     "LayerFrame", "LayerRows", "RowIndex", "circuit_breaker_terms", "crl_benign_triplet", "crl_harmful_triplet",
-    "pooled_by_sample", "repbend_terms", "retain_kl", "select_rows", "take_layers",
+    "KL_REDUCTIONS", "pooled_by_sample", "repbend_terms", "retain_kl", "select_rows", "take_layers",
 ]

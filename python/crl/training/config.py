@@ -63,7 +63,7 @@ class DataConfig:
 @dataclass
 class SharedLossConfig:
     """`[loss]`: what every method shares (which method, layers, tokens, the layer frame, the KL's
-    temperature); each method's own keys are in its section, `[loss.<method>]` (crl.methods)."""
+    temperature and reduction); each method's own keys are in its section, `[loss.<method>]` (crl.methods)."""
 
     MOVED_KEYS: ClassVar[dict[str, str | tuple[str, ...]]] = {
         "alpha": ("crl.benign_weight", "circuit_breakers.coefficient", "repbend.benign_distance_weight"),
@@ -101,6 +101,11 @@ class SharedLossConfig:
     raw states."""
     kl_temperature: float = 2.0
     """Temperature of the retain KL (methods that have one)."""
+    kl_reduction: Literal["token_mean", "batchmean"] = "token_mean"
+    """How the retain KL's per-token values become one number: "token_mean" averages them over the
+    retain batch's tokens; "batchmean" sums them and divides by the number of retain sequences, as the
+    reference code's `F.kl_div(..., reduction="batchmean")` does (its scale then grows with the
+    sequences' length: about the mean tokens per sequence times "token_mean")."""
 
     def validate(self) -> None:
         require(len(self.target_layers) > 0, "target_layers", "a non-empty list of layers", self.target_layers)

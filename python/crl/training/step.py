@@ -278,16 +278,28 @@ class LossComputer:
 
     def _retain_kl(self, retain: Batch, rows: StepRows, metrics: dict[str, Value]) -> torch.Tensor:
         """KL of the trained model's next-token distributions to the frozen model's on the retain batch
-        (this rank's share of the global token mean for a method with global shares)."""
+        (this rank's share of the global mean for a method with global shares): the mean over the
+        tokens (`loss.kl_reduction = "token_mean"`) or the sum over the tokens divided by the number of
+        sequences (`"batchmean"`, the reference code's; under several processes the global batch's
+        count, `Batch.global_size`, which the trainer sets)."""
         kl_rows = rows.retain_tokens
         assert kl_rows is not None
         with torch.no_grad(), self._frozen(), self._amp():
             frozen_logits = _final_logits(self.model, retain, kl_rows)
         with self._amp():
             trained_logits = _final_logits(self.model, retain, kl_rows)
-        kl = retain_kl(frozen_logits, trained_logits, self.config.kl_temperature)
+        reduction = self.config.kl_reduction
+        sequences = int(retain.input_ids.shape[0])
+        kl = retain_kl(frozen_logits, trained_logits, self.config.kl_temperature, reduction=reduction,
+                       num_sequences=sequences)
         if self.dist is not None and self.method.global_shares:
-            kl = self.dist.shard_mean(kl, kl_rows.count, kl_rows.total)
+            if reduction == "batchmean":
+                if retain.global_size is None:
+                    raise ValueError("loss.kl_reduction = 'batchmean' under several processes needs the global "
+                                     "batch's sequence count (Batch.global_size; Trainer._next_batches sets it)")
+                kl = self.dist.shard_mean(kl, sequences, retain.global_size)
+            else:
+                kl = self.dist.shard_mean(kl, kl_rows.count, kl_rows.total)
         metrics["loss_kl"] = kl.detach()
         return kl
 

@@ -406,7 +406,7 @@ class Trainer:
         benign, benign_ids = self.streams["benign"].next_batch_with_indices()
         harmful, harmful_ids = self.streams["harmful"].next_batch_with_indices()
         retain_examples = self.streams["retain"].next_batch() if "retain" in self.streams else None
-        totals = global_harmful_ids = harmful_shards = None
+        totals = global_harmful_ids = harmful_shards = whole_retain = None
         if self.dist is not None:  # this rank's slice of each global batch; the global row counts first
             shard = self.dist.shard
             whole = collate(benign + harmful, pad)
@@ -418,6 +418,8 @@ class Trainer:
             retain_examples = shard(retain_examples) if retain_examples is not None else None
         contrast = collate(benign + harmful, pad)
         retain = collate(retain_examples, pad) if retain_examples is not None else None
+        if retain is not None and whole_retain is not None:
+            retain.global_size = len(whole_retain)  # the KL's "batchmean" divides by the global count
         selection = contrast_selection(contrast, len(benign), loss_cfg)
         rows = step_rows(contrast, len(benign), selection, retain, totals)
         return StepBatches(
