@@ -46,7 +46,7 @@ def _training_recorder():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["crl", "circuit_breakers", "repbend", "crl_mining_refinement"])
+@pytest.mark.parametrize("name", ["crl", "circuit_breakers", "repbend", "crl_mining_refinement", "crl_adversary_module"])
 def test_training_metrics_unchanged(name, tmp_path):
     """The tiny model's metrics at a fixed seed, for each method and CRL with mining and refinement:
     bit for bit on the machine that recorded them (CPU, torch version, one thread); elsewhere float

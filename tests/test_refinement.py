@@ -43,7 +43,7 @@ def test_refinement_raises_the_harmful_likelihood_inside_its_bound(tiny_model, e
     base, tokenizer = tiny_model
     model = apply_lora(base, r=4, alpha=8, dropout=0.0, layers=[0, 1, 2, 3])
     eps = 0.5
-    refiner = _refiner(model, tokenizer, encoded, target=target, norm=norm, layers=[2, 2], eps=eps, steps=12, lr=0.3)
+    refiner = _refiner(model, tokenizer, encoded, kind=target, norm=norm, layers=[2, 2], eps=eps, steps=12, lr=0.3)
     ids = [0, 1]
     clean = _clean_ce(model, tokenizer, encoded, ids)
     out = refiner.refine(model, ids, step=0, layers=[2, 3])
@@ -135,12 +135,20 @@ def test_schedule_is_a_function_of_the_step(tiny_model, encoded):
         _refiner(base, tokenizer, encoded, layers=[1, 4])  # hidden state 4 = the last: not a residual input
 
 
-def test_hardest_owners_ranks_by_score():
+def test_hardest_owners_ranks_within_each_pool_and_alternates():
     import numpy as np
 
     owners = np.array([[3, 5], [5, -1]])
     scores = np.array([[0.2, 0.9], [0.4, -np.inf]])
-    assert hardest_owners([(owners, scores), (np.array([7]), np.array([0.5]))], 2) == [5, 7]
+    assert hardest_owners([[(owners, scores)], [(np.array([7]), np.array([0.5]))]], 2) == [5, 7]
+    # the harmful pool's scores are all higher than the benign pool's: ranked on one scale, the benign
+    # pool's owners would never be attacked; ranked within each pool, the pools alternate
+    benign = [(np.array([1, 2, 3]), np.array([0.10, 0.30, 0.20]))]
+    harmful = [(np.array([4, 5, 6]), np.array([0.90, 0.80, 0.95]))]
+    assert hardest_owners([benign, harmful], 4) == [2, 6, 3, 4]
+    assert hardest_owners([benign, harmful], 1) == [2]
+    # an owner already chosen from one pool is skipped in the other; fewer candidates than asked
+    assert hardest_owners([[(np.array([9, 8]), np.array([0.5, 0.4]))], [(np.array([9]), np.array([0.9]))]], 5) == [9, 8]
 
 
 # --- a tiny run with mining and refinement -------------------------------------------------------------

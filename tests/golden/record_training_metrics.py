@@ -30,6 +30,11 @@ RUNS: dict[str, list[str]] = {
         "refinement.enabled=true", "refinement.layers=[1, 2]", "refinement.steps=1", "refinement.probability=0.75",
         "loss.crl.benign_weight={start = 0.4, end = 0.8}",
     ],
+    "crl_adversary_module": [
+        "optim.max_steps=3", "optim.grad_accumulation=2", "refinement.enabled=true", 'refinement.kind="module"',
+        "refinement.module_refresh_micro_batches=3", "refinement.module_iterations=4", "refinement.module_stop_window=2",
+        "refinement.module_probability=0.75", "refinement.module_success_loss=100", "refinement.module_lr=0.01",
+    ],
 }
 
 

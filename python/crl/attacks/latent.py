@@ -28,13 +28,7 @@ from torch import nn
 
 from crl.attacks.base import (DEFAULT_TARGET, AttackPrompt, AttackResult, Timer, build_layout, greedy_from_ids,
                               model_device, progress_iter, target_loss_from_logits)
-from crl.models import first_tensor  # the one reader of a decoder layer's output
-
-
-def _replace_first(output: Any, new: torch.Tensor) -> Any:
-    if isinstance(output, torch.Tensor):
-        return new
-    return (new,) + tuple(output[1:])
+from crl.models import first_tensor, replace_first_tensor  # the readers of a decoder layer's output
 
 
 class ResidualPerturbation(nn.Module):
@@ -181,7 +175,7 @@ class ResidualPerturbation(nn.Module):
             handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
         else:
             def hook(mod, args, output):
-                return _replace_first(output, self(first_tensor(output)))
+                return replace_first_tensor(output, self(first_tensor(output)))
 
             handle = module.register_forward_hook(hook)
         try:

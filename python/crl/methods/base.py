@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import torch
 
@@ -19,6 +19,7 @@ from crl.losses.objectives import LayerFrame, LayerRows, RowIndex, select_rows
 from crl.losses.triplet import TripletOutput
 
 if TYPE_CHECKING:
+    from crl.data import Batch
     from crl.training.distributed import DistributedContext
     from crl.training.step import StepBatches, StepRows
 
@@ -40,7 +41,9 @@ class StepStates:
     batches: StepBatches
     """The micro-batch itself (sample ids and schedule position, for mining)."""
     model: torch.nn.Module
-    """The model with its adapter (mining's refinement runs attacked passes through it)."""
+    """The model with its adapter (attacks run their passes through it)."""
+    trained_pass: Callable[[Batch], dict[int, torch.Tensor]]
+    """Another trained-model pass at the captured layers (e.g. under an attack), as the step runs its own."""
 
 
 @dataclass
@@ -93,6 +96,9 @@ class Method(ABC):
         self.config = config
         """This method's own section."""
         self.context = context
+
+    def prepare(self, model: torch.nn.Module, metrics: dict[str, Any]) -> None:
+        """Called once per micro-batch before its passes (e.g. to train an adversary); logs into `metrics`."""
 
     @abstractmethod
     def loss(self, states: StepStates, progress: float, metrics: dict[str, Any]) -> torch.Tensor:

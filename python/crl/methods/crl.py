@@ -6,6 +6,9 @@
   mined vectors of other harmful samples under the frozen model; attacked harmful samples (mining's
   refinement) join the anchors.
 - Loss: benign_weight * L_benign + harmful_weight * L_harmful (+ retain_kl_weight * KL, the step's).
+- The paper's adversary (crl.mining.adversary): when its gate opens, the harmful rows' trained
+  states come from the attacked model and replace the clean ones as anchors and in the centroid (or
+  join them, `refinement.module_combine = "join"`).
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from crl.config import Schedule, require
+from crl.data import Batch
 from crl.losses.distances import DISTANCES
-from crl.losses.objectives import LayerFrame, crl_benign_triplet, crl_harmful_triplet, take_layers
+from crl.losses.objectives import LayerFrame, RowIndex, crl_benign_triplet, crl_harmful_triplet, take_layers
 from crl.losses.triplet import TripletOutput
 from crl.methods.base import Method, MethodContext, StepStates
 
 if TYPE_CHECKING:
+    from crl.mining.adversary import ModuleAdversary
     from crl.mining.config import MiningConfig
     from crl.mining.stage import MinedBatch, MiningStage
 
@@ -58,10 +63,13 @@ class CRLMethod(Method):
     global_shares: ClassVar[bool] = True
 
     def __init__(self, loss_config: Any, config: CRLConfig, context: MethodContext, *,
-                 mining: MiningStage | None = None, mining_config: MiningConfig | None = None) -> None:
+                 mining: MiningStage | None = None, mining_config: MiningConfig | None = None,
+                 adversary: ModuleAdversary | None = None) -> None:
         super().__init__(loss_config, config, context)
         self.mining = mining
         """Where mined negatives (and attacked samples) come from; None: no mining."""
+        self.adversary = adversary
+        """The paper's adversary module (crl.mining.adversary); None: none."""
         self.mined_terms = "add" if mining_config is None else mining_config.combine
         """`add`: mined terms (times `mined_weight`) join the batch terms; `replace`: they replace them."""
         self.mined_weight = 1.0 if mining_config is None else mining_config.weight
@@ -69,18 +77,32 @@ class CRLMethod(Method):
     def retain_kl_weight(self, progress: float) -> float | None:
         return self.config.retain_kl_weight.at(progress)
 
+    def prepare(self, model: torch.nn.Module, metrics: dict[str, Any]) -> None:
+        if self.adversary is not None:
+            metrics.update(self.adversary.before_micro_batch(model))
+
     def loss(self, states: StepStates, progress: float, metrics: dict[str, Any]) -> torch.Tensor:
         ctx, layers, rows = self.context, states.layers, states.rows
         fb, tb = ctx.select(states.frozen, rows.benign, layers), ctx.select(states.trained, rows.benign, layers)
         fh, th = ctx.select(states.frozen, rows.harmful, layers), ctx.select(states.trained, rows.harmful, layers)
         frame = ctx.fit_frame((fb.states, fh.states), rows.benign.total + rows.harmful.total)
         fb_s, tb_s, fh_s, th_s = (frame.apply(x) for x in (fb.states, tb.states, fh.states, th.states))
-        centroid = ctx.row_mean(th_s, rows.harmful.total)  # [L, d], the collapsed harmful region (carries grad)
         benign_idx = [layers.index(l) for l in self.loss_config.resolved_benign_layers]
         target_idx = [layers.index(l) for l in self.loss_config.target_layers]
+        benign_total, harmful_total = rows.benign.total, rows.harmful.total
+        attacked = self._adversary_states(states, metrics)
+        clean_th_s = th_s
+        if attacked is not None and self.adversary.config.module_combine == "replace":
+            th_s = frame.apply(attacked)  # the attacked states are the anchors and make the centroid
+        centroid = ctx.row_mean(th_s, rows.harmful.total)  # [L, d], the collapsed harmful region (carries grad)
+        if attacked is not None:
+            self._log_adversary_hardness(take_layers(clean_th_s, target_idx), take_layers(frame.apply(attacked), target_idx),
+                                         take_layers(fh_s, target_idx), take_layers(centroid, target_idx), metrics)
+            if self.adversary.config.module_combine == "join":
+                th_s, fh_s = torch.cat([th_s, frame.apply(attacked)], dim=1), torch.cat([fh_s, fh_s], dim=1)
+                harmful_total += rows.harmful.total
         alpha, beta = self.config.benign_weight.at(progress), self.config.harmful_weight.at(progress)
         loss = fb_s.new_zeros((), dtype=torch.float32)
-        benign_total, harmful_total = rows.benign.total, rows.harmful.total
         mined = None
         if self.mining is not None:
             mined = self.mining.run(states.model, tb, th, states.batches, metrics)
@@ -109,6 +131,37 @@ class CRLMethod(Method):
             loss = loss + beta * loss_h
         metrics.update(coef_benign=alpha, coef_harmful=beta)
         return loss
+
+    def _adversary_states(self, states: StepStates, metrics: dict[str, Any]) -> torch.Tensor | None:
+        """The harmful rows' trained states [L, R_h, d] through the attacked model when the adversary's
+        gate opens this micro-batch (None otherwise)."""
+        adversary = self.adversary
+        if adversary is None:
+            return None
+        if not adversary.use_now():
+            metrics["adversary_used"] = 0.0
+            return None
+        metrics["adversary_used"] = 1.0
+        contrast, nb, rows = states.batches.contrast, states.num_benign, states.rows
+        harmful = Batch(contrast.input_ids[nb:], contrast.attention_mask[nb:], contrast.request_mask[nb:],
+                        contrast.response_mask[nb:], padded=contrast.padded)
+        hidden = adversary.attacked_states(lambda: states.trained_pass(harmful), states.model)
+        seq = contrast.input_ids.shape[1]
+        shifted = RowIndex(rows.harmful.flat - nb * seq, rows.harmful.row_sample - nb, rows.harmful.count,
+                           rows.harmful.total)  # the same rows, in the harmful sub-batch
+        return self.context.select(hidden, shifted, states.layers).states
+
+    def _log_adversary_hardness(self, clean: torch.Tensor, attacked: torch.Tensor, frozen: torch.Tensor,
+                                centroid: torch.Tensor, metrics: dict[str, Any]) -> None:
+        """Whether the attacked anchors are harder than the clean ones: both sets' harmful-triplet
+        statistics against the same centroid and frozen states (no gradient)."""
+        with torch.no_grad():
+            for name, anchors in (("clean", clean), ("attacked", attacked)):
+                out = self._triplet("harmful", anchors.detach(), frozen.detach(), centroid.detach())
+                metrics.update({f"adversary_{name}_d_pos": out.mean_positive_distance,
+                                f"adversary_{name}_d_neg": out.mean_negative_distance,
+                                f"adversary_{name}_active": out.active_fraction,
+                                f"adversary_{name}_loss": out.loss})
 
     def _negatives(self, mined: MinedBatch | None, pool: str, frame: LayerFrame):
         """The pool's mined negatives per sample, on the device and in the loss's frame (None without mining)."""

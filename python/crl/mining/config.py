@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from crl.config import require
 
@@ -64,11 +64,19 @@ class MiningConfig:
 
 @dataclass
 class RefinementConfig:
-    """Adversarial refinement of the samples owning the hardest negatives (needs mining). Off by default."""
+    """Adversarial hard negatives (docs/hard_negatives.md). Off by default.
 
+    `kind = "module"`: the paper's adversary (the reference code's attack.py and trainer.py): a
+    linear module after an early decoder layer, trained to make the model produce the harmful
+    responses; while it succeeds, the harmful batch sometimes runs through the attacked model. Its
+    keys are the `module_*` ones, at the reference's values. `kind = "residual"` / `"embedding"`:
+    crl's bounded refinement of the samples owning the hardest mined negatives (needs mining)."""
+
+    MOVED_KEYS: ClassVar[dict[str, str]] = {"target": "kind"}
     enabled: bool = False
-    target: Literal["residual", "embedding"] = "residual"
-    """`residual`: perturb hidden state l (drawn from `layers`); `embedding`: the input embeddings."""
+    kind: Literal["residual", "embedding", "module"] = "residual"
+    """`residual`: perturb hidden state l (drawn from `layers`); `embedding`: the input embeddings;
+    `module`: the paper's adversary module."""
     layers: list[int] = field(default_factory=lambda: [2, 4])
     """[low, high]: the attacked hidden state is drawn uniformly from low..high (inclusive) once
     per refresh period; low = high fixes it. Hidden state l >= 1 is the output of decoder layer l-1."""
@@ -87,6 +95,32 @@ class RefinementConfig:
     """Chance that a micro-batch gets attacked anchors."""
     samples: int = 2
     """Samples attacked per micro-batch (the owners of the hardest negatives)."""
+    module_layers: list[int] | None = None
+    """[low, high): the decoder layer after which the module is inserted is drawn uniformly from this
+    range at every refresh. None: the reference's range, decoder layers 0-9 of Llama-3-8B's 32, scaled
+    to the model's depth (0 to round(10 L / 32) - 1)."""
+    module_refresh_micro_batches: int = 40
+    """A new module (at a newly drawn layer) every this many micro-batches (the reference: 40)."""
+    module_iterations: int = 1100
+    """Training iterations (one sample each, drawn without replacement) of a new module (1100)."""
+    module_step_iterations: int = 1
+    """Iterations the current module trains at every other micro-batch (1)."""
+    module_lr: float = 1e-4
+    """Adam's learning rate for the module (1e-4; a new Adam each training call, as the reference)."""
+    module_stop_loss: float = 1.85
+    """Training stops early once the mean of the last `module_stop_window` losses is below this (1.85)."""
+    module_stop_window: int = 100
+    module_probability: float = 0.25
+    """Chance that a micro-batch's harmful states come from the attacked model (0.25)..."""
+    module_success_loss: float = 3.0
+    """...and only while the mean of the module's last `module_success_window` losses is below this (3)."""
+    module_success_window: int = 10
+    module_combine: Literal["replace", "join"] = "replace"
+    """`replace` (the reference): the attacked harmful states are the harmful anchors and the centroid;
+    `join`: they join the clean anchors (the centroid stays the clean batch's)."""
+    module_max_relative_norm: float | None = None
+    """Optional bound on the module's change of the residual stream, relative to ||h|| per token
+    (None: unbounded, as in the paper)."""
     persistence: Literal["universal", "per_sample"] = "universal"
     """`universal`: one [1, 1, d] perturbation per layer, kept across micro-batches and refined
     `steps` Adam steps every `refresh_every` optimizer steps (cheap, a universal adversarial
@@ -103,6 +137,16 @@ class RefinementConfig:
         require(self.lr > 0, "lr", "a number > 0", self.lr)
         require(0.0 <= self.probability <= 1.0, "probability", "a number in [0, 1]", self.probability)
         require(self.samples >= 1, "samples", "an integer >= 1", self.samples)
+        if self.module_layers is not None:
+            require(len(self.module_layers) == 2 and 0 <= self.module_layers[0] < self.module_layers[1], "module_layers",
+                    "[low, high) decoder layers with 0 <= low < high", self.module_layers)
+        for name in ("module_refresh_micro_batches", "module_iterations", "module_stop_window", "module_success_window"):
+            require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        require(self.module_step_iterations >= 0, "module_step_iterations", "an integer >= 0", self.module_step_iterations)
+        require(self.module_lr > 0, "module_lr", "a number > 0", self.module_lr)
+        require(0.0 <= self.module_probability <= 1.0, "module_probability", "a number in [0, 1]", self.module_probability)
+        require(self.module_max_relative_norm is None or self.module_max_relative_norm > 0, "module_max_relative_norm",
+                "a number > 0 or unset", self.module_max_relative_norm)
 
 
 __all__ = ["MiningBackend", "MiningConfig", "RefinementConfig"]

@@ -2,7 +2,7 @@
 enter the loss, and their attacked states join the harmful anchors.
 
 The attack is `crl.attacks.latent.ResidualPerturbation` (one implementation for training and
-evaluation): a perturbation of hidden state l (crl numbering; ``target = "embedding"`` uses hidden
+evaluation): a perturbation of hidden state l (crl numbering; ``kind = "embedding"`` uses hidden
 state 0, the input embeddings as the first decoder layer receives them) on the prompt tokens (all
 tokens before the response), initialised at zero, kept in fp32, projected after every step onto the
 bound (L2 <= eps ||h|| or L-infinity <= eps rms(h), relative to the clean states of the batch), and
@@ -69,16 +69,32 @@ class Refined:
         return read_values([self.values])[0][0]
 
 
-def hardest_owners(candidates: Sequence[tuple[np.ndarray, np.ndarray]], n: int) -> list[int]:
-    """Up to n distinct sample ids, ordered by their best score, from (owners, scores) arrays of the
-    top-1 negatives (any shape; id -1 ignored); ties go to the smaller id."""
-    best: dict[int, float] = {}
-    for owners, scores in candidates:
-        for o, s in zip(np.asarray(owners).reshape(-1).tolist(), np.asarray(scores).reshape(-1).tolist()):
-            if o >= 0 and np.isfinite(s) and s > best.get(o, -np.inf):
-                best[o] = s
-    ranked = sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))
-    return [o for o, _ in ranked[:n]]
+def hardest_owners(pools: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], n: int) -> list[int]:
+    """Up to n distinct sample ids owning the hardest negatives, taken in turn from each pool.
+
+    `pools`: per pool (benign anchors' negatives, harmful anchors' negatives), (owners, scores) arrays
+    of the top-1 negatives (any shape; id -1 ignored). Each pool is ranked by its own scores (best
+    first, ties to the smaller id), then the pools give one owner each in turn: the two pools'
+    similarities are not on one scale (benign-to-queue scores run lower than harmful-to-bank ones,
+    which would otherwise nearly always win)."""
+    ranked_pools = []
+    for pool in pools:
+        best: dict[int, float] = {}
+        for owners, scores in pool:
+            for o, sc in zip(np.asarray(owners).reshape(-1).tolist(), np.asarray(scores).reshape(-1).tolist()):
+                if o >= 0 and np.isfinite(sc) and sc > best.get(o, -np.inf):
+                    best[o] = sc
+        ranked_pools.append([o for o, _ in sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))])
+    chosen: list[int] = []
+    position = [0] * len(ranked_pools)
+    while len(chosen) < n and any(p < len(r) for p, r in zip(position, ranked_pools)):
+        for i, ranked in enumerate(ranked_pools):
+            while position[i] < len(ranked) and ranked[position[i]] in chosen:
+                position[i] += 1
+            if position[i] < len(ranked) and len(chosen) < n:
+                chosen.append(ranked[position[i]])
+                position[i] += 1
+    return chosen
 
 
 def response_targets(input_ids: torch.Tensor, response_mask: torch.Tensor) -> tuple[RowIndex, torch.Tensor]:
@@ -135,7 +151,7 @@ class AdversarialRefiner:
         self.device = torch.device(device)
         self.amp = amp or nullcontext
         n = num_hidden_layers(model)
-        if config.target == "embedding":
+        if config.kind == "embedding":
             self.layers = [0]
         else:
             low, high = config.layers

@@ -153,10 +153,11 @@ class MiningStage:
         if refiner is None or not refiner.use_at(batches.step, batches.micro):
             return {}
         mined_b, mined_h = out.benign, out.harmful
-        candidates = [(mined_b.owners[..., 0], mined_b.scores[..., 0]), (mined_h.owners[..., 0], mined_h.scores[..., 0])]
+        pools = [[(mined_b.owners[..., 0], mined_b.scores[..., 0])], [(mined_h.owners[..., 0], mined_h.scores[..., 0])]]
         if self.dist is not None:  # the global batch's hardest owners, the same on every rank (host data)
-            candidates = [c for part in self.dist.all_gather_object(candidates) for c in part]
-        owners = hardest_owners(candidates, refiner.config.samples)
+            gathered = self.dist.all_gather_object(pools)
+            pools = [[c for part in gathered for c in part[i]] for i in range(2)]
+        owners = hardest_owners(pools, refiner.config.samples)
         if not owners:
             return {}
         # Every rank runs the same attack (so that the persistent perturbation stays identical), but

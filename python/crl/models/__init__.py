@@ -22,7 +22,7 @@ from crl.models.anatomy import (
     decoder_layers, final_norm, hidden_size, input_embeddings, linear_projection_names, lora_layers_for_targets,
     num_hidden_layers, unwrap_model,
 )
-from crl.models.capture import capture_hidden_states, first_tensor, fsdp_lazy_init, padding_known
+from crl.models.capture import capture_hidden_states, first_tensor, fsdp_lazy_init, padding_known, replace_first_tensor
 from crl.models.errors import ModelLoadError
 from crl.models.gguf import SMOLLM2_CACHE_NAME, convert_gguf, default_cache_dir, smollm2_gguf_path
 from crl.models.loading import DTYPES, load_model
@@ -34,5 +34,6 @@ __all__ = [
     "CHATML_TEMPLATE", "DTYPES", "ModelLoadError", "SMOLLM2_CACHE_NAME", "apply_lora", "build_tiny_llama", "build_tiny_tokenizer",
     "capture_hidden_states", "convert_gguf", "decoder_layers", "default_cache_dir", "ensure_padding", "final_norm",
     "first_tensor", "fsdp_lazy_init", "hidden_size", "input_embeddings", "linear_projection_names", "load_model",
-    "lora_layers_for_targets", "num_hidden_layers", "padding_known", "smollm2_gguf_path", "unwrap_model",
+    "lora_layers_for_targets", "num_hidden_layers", "padding_known", "replace_first_tensor", "smollm2_gguf_path",
+    "unwrap_model",
 ]

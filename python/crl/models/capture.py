@@ -12,6 +12,13 @@ import torch
 from crl.models.anatomy import decoder, decoder_layers, final_norm, unwrap_model
 
 
+def replace_first_tensor(output: Any, new: torch.Tensor) -> Any:
+    """A decoder layer's output with its hidden states (the first tensor) replaced by `new`."""
+    if isinstance(output, torch.Tensor):
+        return new
+    return (new,) + tuple(output[1:])
+
+
 def first_tensor(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
@@ -240,4 +247,4 @@ def capture_hidden_states(
     return {l: out[l] for l in wanted}
 
 
-__all__ = ["capture_hidden_states", "first_tensor", "fsdp_lazy_init", "padding_known"]
+__all__ = ["capture_hidden_states", "first_tensor", "fsdp_lazy_init", "padding_known", "replace_first_tensor"]

@@ -195,7 +195,10 @@ class TrainConfig:
         if self.mining.enabled:
             require(self.loss.method == "crl", "mining.enabled", "false unless loss.method = 'crl'", True)
         if self.refinement.enabled:
-            require(self.mining.enabled, "refinement.enabled", "false unless mining.enabled (it attacks the owners of mined negatives)", True)
+            require(self.loss.method == "crl", "refinement.enabled", "false unless loss.method = 'crl'", True)
+        if self.refinement.enabled and self.refinement.kind != "module":
+            require(self.mining.enabled, "refinement.enabled",
+                    "false unless mining.enabled (kind residual/embedding attacks the owners of mined negatives)", True)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

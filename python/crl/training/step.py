@@ -32,6 +32,7 @@ from crl.training.config import LossConfig, MiningConfig
 from crl.training.metrics import Value, read_values
 
 if TYPE_CHECKING:
+    from crl.mining.adversary import ModuleAdversary
     from crl.mining.stage import MiningStage
     from crl.training.distributed import DistributedContext
 
@@ -188,6 +189,7 @@ class LossComputer:
         autocast: bool = False,
         mining: MiningStage | None = None,
         mining_config: MiningConfig | None = None,
+        adversary: ModuleAdversary | None = None,
         dist: DistributedContext | None = None,
         device: torch.device | str | None = None,
     ) -> None:
@@ -205,11 +207,12 @@ class LossComputer:
         work on a GPU (benchmarks only: without it they measure the host's, which only queues it)."""
         context = MethodContext(frame_center=config.center_states, frame_scale=config.normalize_layer_scale, dist=dist)
         cls = method_class(config.method)
-        extra = {}
-        if mining is not None:
+        extra: dict = {}
+        if mining is not None or adversary is not None:
             if config.method != "crl":
-                raise ValueError("mining: only loss.method = 'crl' uses mined negatives")
-            extra = {"mining": mining, "mining_config": mining_config}
+                raise ValueError("mining and the adversary: only loss.method = 'crl' uses them")
+            extra = {"mining": mining, "mining_config": mining_config, "adversary": adversary}
+        if mining is not None:
             mining.clock = self.clock
         self.method = cls(config, config.method_config, context, **extra)
 
@@ -250,6 +253,8 @@ class LossComputer:
         contrast = batches.contrast
         rows = batches.rows if batches.rows is not None else self._step_rows(batches)
         timings: dict[str, float] = {}
+        metrics: dict[str, Value] = {}
+        self.method.prepare(self.model, metrics)
         t0 = self.clock()
         frozen_hidden = self._capture(contrast, frozen=True)
         t1 = self.clock()
@@ -258,8 +263,8 @@ class LossComputer:
         timings["seconds_frozen_pass"] = t1 - t0
         timings["seconds_trained_pass"] = t2 - t1
         states = StepStates(frozen_hidden, trained_hidden, rows, self.layers, batches.num_benign,
-                            int(contrast.input_ids.shape[0]) - batches.num_benign, batches, self.model)
-        metrics: dict[str, Value] = {}
+                            int(contrast.input_ids.shape[0]) - batches.num_benign, batches, self.model,
+                            lambda batch: self._capture(batch, frozen=False))
         loss = self.method.loss(states, progress, metrics)
         t3 = self.clock()
         timings["seconds_loss"] = t3 - t2

@@ -155,7 +155,10 @@ class Trainer:
         self.model = self._with_lora(model, bank_model_hash)
         self._build_optimizer()
         unwrapped = self.accelerator.unwrap_model(self.model)
-        if config.refinement.enabled:
+        self.adversary = None
+        if config.refinement.enabled and config.refinement.kind == "module":
+            self.adversary = self._build_adversary(unwrapped)
+        elif config.refinement.enabled:
             self.refiner = self._build_refiner(unwrapped)
         mining = None
         if self.miner is not None:
@@ -166,7 +169,8 @@ class Trainer:
                                  target_layers=config.loss.target_layers, refiner=self.refiner, dist=self.dist)
         self.loss = LossComputer(
             unwrapped, config.loss, autocast=self.accelerator.device.type == "cuda",
-            mining=mining, mining_config=config.mining, dist=self.dist, device=self.accelerator.device,
+            mining=mining, mining_config=config.mining, adversary=self.adversary, dist=self.dist,
+            device=self.accelerator.device,
         )
         self.step = 0
         if self.dist is not None and self.dist.rank > 0:
@@ -393,6 +397,15 @@ class Trainer:
             self._select_tokens, seed=self.config.run.seed, device=device, amp=amp,
         )
 
+    def _build_adversary(self, model: torch.nn.Module):
+        from crl.mining.adversary import ModuleAdversary
+
+        device = self.accelerator.device
+        amp = (lambda: torch.autocast(device_type="cuda", dtype=torch.bfloat16)) if device.type == "cuda" else None
+        return ModuleAdversary(self.config.refinement, model, self.streams["harmful"].encoded,
+                               self.tokenizer.pad_token_id, seed=self.config.run.seed, device=device, amp=amp,
+                               dist=self.dist)
+
     # --- the loop ------------------------------------------------------------------------------
 
     def _next_batches(self, micro: int = 0) -> StepBatches:
@@ -463,7 +476,7 @@ class Trainer:
             if not restore_rank_rng(self.dist, saved) and self.dist.rank > 0:
                 # written by another number of processes: fresh per-rank streams (only dropout uses them)
                 seed_everything(self.config.run.seed + 1_000_003 * self.dist.rank + int(trainer_state["step"]))
-        for name, part in (("mining", self.miner), ("refinement", self.refiner)):
+        for name, part in (("mining", self.miner), ("refinement", self.refiner or self.adversary)):
             if part is None:
                 continue
             if name not in extra:
@@ -502,8 +515,8 @@ class Trainer:
         extra = {}
         if self.miner is not None:
             extra["mining"] = self.miner.state_dict()
-        if self.refiner is not None:
-            extra["refinement"] = self.refiner.state_dict()
+        if self.refiner is not None or self.adversary is not None:
+            extra["refinement"] = (self.refiner or self.adversary).state_dict()
         if ranks_rng is not None:
             extra["distributed"] = {"world_size": len(ranks_rng), "rng": ranks_rng}
         write_checkpoint(
