@@ -198,6 +198,26 @@ def test_ready_configs_load(name: str) -> None:
     assert config.optim.max_steps >= 1
 
 
+@pytest.mark.parametrize("name", ["llama3-8b-instruct.toml", "mistral-7b-instruct.toml"])
+def test_reference_configs_hold_the_reference_values(name: str) -> None:
+    """The values of the reference code's train.sh (METHOD=triplet), as docs/reproduction.md lists them."""
+    c = load_train_config(REPO / "configs" / name)
+    assert c.loss.method == "crl" and c.loss.tokens == "response"
+    assert c.loss.target_layers == list(range(20, 31)) and c.loss.benign_layers == list(range(1, 33))
+    assert c.lora.layers == list(range(31)) and (c.lora.r, c.lora.alpha, c.lora.dropout) == (16, 16, 0.05)
+    assert len(c.lora.target_modules) == 7
+    assert not c.loss.center_states and not c.loss.normalize_layer_scale
+    assert (c.loss.kl_reduction, c.loss.kl_temperature) == ("batchmean", 2.0)
+    crl = c.loss.crl
+    assert [w.at(0.5) for w in (crl.benign_weight, crl.harmful_weight, crl.retain_kl_weight)] == [0.5, 0.6, 0.7]
+    assert (crl.benign_positive_distance, crl.benign_negative_distance) == ("l2", "cosine")
+    assert (crl.harmful_positive_distance, crl.harmful_negative_distance) == ("cosine", "cosine")
+    assert (crl.benign_margin, crl.harmful_margin) == (2.0, 3.0)
+    o = c.optim
+    assert (o.lr, o.lr_schedule, o.warmup_steps, o.weight_decay, o.max_grad_norm) == (1e-4, "constant", 0, 0.0, 1.0)
+    assert (o.max_steps, o.grad_accumulation, c.data.batch_size, c.data.max_length) == (900, 4, 8, 1024)
+
+
 def test_yaml_config_and_overrides(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("loss:\n  method: repbend\n  repbend:\n    benign_distance_weight: {start: 1.0, end: 0.0}\n"
