@@ -337,7 +337,7 @@ def test_mining_config_validation(tmp_path):
         load_train_config(tiny, ["mining.enabled=true", 'loss.method="repbend"'])
     with pytest.raises(ConfigError, match="mining.backend"):
         load_train_config(tiny, ['mining.backend="annoy"'])
-    with pytest.raises(ConfigError, match="refinement: layers"):
+    with pytest.raises(ConfigError, match="refinement.layers: expected"):
         load_train_config(tiny, ["refinement.layers=[3, 1]"])
     with pytest.raises(ConfigError, match="refinement.persistence: expected one of 'universal', 'per_sample'"):
         load_train_config(tiny, ['refinement.persistence="per_batch"'])

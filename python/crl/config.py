@@ -124,6 +124,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        if float in args and isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         for arg in args:
             if arg is type(None):
                 continue
@@ -133,7 +135,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 continue
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if tp is Schedule and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return _build(Schedule, {"start": value}, where)
+        return Schedule(_convert(value, float, where))
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {value!r}")
@@ -160,7 +162,13 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):  # nan and inf are never a setting: they end in NaN weights
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -201,8 +209,8 @@ def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
     if callable(validate):
         try:
             validate()
-        except ConfigError as exc:
-            raise ConfigError(f"{where.rstrip(': ')}: {exc}") from None
+        except ConfigError as exc:  # "key: expected ..." from validate(): name it in full, "file: section.key: ..."
+            raise ConfigError(f"{where if where.endswith(': ') else where + '.'}{exc}") from None
     return obj
 
 

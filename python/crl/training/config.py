@@ -41,6 +41,8 @@ class LoraConfig:
         require(self.alpha >= 1, "alpha", "an integer >= 1", self.alpha)
         require(0.0 <= self.dropout < 1.0, "dropout", "a number in [0, 1)", self.dropout)
         require(len(self.target_modules) > 0, "target_modules", "a non-empty list of module names", self.target_modules)
+        if self.layers is not None:
+            require(all(l >= 0 for l in self.layers), "layers", "decoder layers >= 0", self.layers)
 
 
 @dataclass
@@ -58,6 +60,8 @@ class DataConfig:
     def validate(self) -> None:
         require(self.max_length >= 8, "max_length", "an integer >= 8", self.max_length)
         require(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
+        require(self.generation_max_new_tokens >= 1, "generation_max_new_tokens", "an integer >= 1",
+                self.generation_max_new_tokens)
 
 
 @dataclass
@@ -114,6 +118,28 @@ class SharedLossConfig:
             require(all(l >= 1 for l in self.benign_layers), "benign_layers", "layers >= 1", self.benign_layers)
         require(self.kl_temperature > 0, "kl_temperature", "a number > 0", self.kl_temperature)
         require(self.first_response_tokens >= 1, "first_response_tokens", "an integer >= 1", self.first_response_tokens)
+        self._validate_method_sections()
+
+    def _validate_method_sections(self) -> None:
+        """Every number of a method's section is a weight, a margin or a coefficient: >= 0 (a negative
+        one turns a term into its opposite; nan and inf are refused when the file is read)."""
+        import dataclasses
+
+        from crl.methods import METHODS
+
+        for name in METHODS:
+            section = getattr(self, name, None)
+            if section is None or not dataclasses.is_dataclass(section):
+                continue
+            for f in dataclasses.fields(section):
+                value = getattr(section, f.name)
+                key = f"{name}.{f.name}"
+                if isinstance(value, Schedule):
+                    require(value.start >= 0 and (value.end is None or value.end >= 0), key,
+                            "a number >= 0 (or {start, end} >= 0)", value.start if value.end is None
+                            else {"start": value.start, "end": value.end})
+                elif isinstance(value, float):
+                    require(value >= 0, key, "a number >= 0", value)
 
     @property
     def method_config(self) -> Any:
@@ -159,9 +185,15 @@ class OptimConfig:
     max_steps: int = 100
     """Optimizer steps (every schedule is counted in optimizer steps, not micro-batches)."""
     grad_accumulation: int = 1
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A step whose loss or gradient norm is nan or inf: "stop" ends the run with an error naming the
+    step and the metric (no update, no checkpoint: the last checkpoint stays the last good one);
+    "skip" drops that step's update, logs it (`"nonfinite"` in metrics.jsonl) and continues."""
 
     def validate(self) -> None:
-        require(self.lr > 0, "lr", "a number > 0", self.lr)
+        require(0 < self.lr <= 1, "lr", "a number in (0, 1]", self.lr)
+        require(0 <= self.weight_decay <= 1, "weight_decay", "a number in [0, 1]", self.weight_decay)
+        require(self.max_grad_norm > 0, "max_grad_norm", "a number > 0 (the gradient norm clipped to)", self.max_grad_norm)
         require(self.max_steps >= 1, "max_steps", "an integer >= 1", self.max_steps)
         require(self.grad_accumulation >= 1, "grad_accumulation", "an integer >= 1", self.grad_accumulation)
         require(self.warmup_steps >= 0, "warmup_steps", "an integer >= 0", self.warmup_steps)
