@@ -211,6 +211,20 @@ def test_two_processes_with_mining_and_refinement(tmp_path: Path, pools_dir: Pat
     assert_same_trajectory(metrics(tmp_path / "one"), metrics(tmp_path / "two"), keys)
 
 
+@pytest.mark.slow
+def test_two_processes_with_the_adversary_module(tmp_path: Path, pools_dir: Path) -> None:
+    """The paper's adversary under 2 processes: every rank trains the same module (the mean loss
+    decides the early stop, rank 0's weights are kept) and the loss equals the single-process one."""
+    extra = ["refinement.enabled=true", 'refinement.kind="module"', "refinement.module_refresh_micro_batches=2",
+             "refinement.module_iterations=3", "refinement.module_probability=0.7", "refinement.module_success_loss=100"]
+    run_one_process(pools_dir, tmp_path / "one", extra)
+    run_two_processes(pools_dir, tmp_path / "two", extra=extra)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    keys = KEYS + ("adversary_loss", "adversary_used", "adversary_attacked_d_neg")
+    assert_same_trajectory(one, two, keys)
+    assert any(m.get("adversary_used", 0) > 0 for m in two)
+
+
 def run_accelerate_fsdp(pools: Path, out: Path, *, max_steps: int, timeout: float = 120.0,
                         extra: list[str] | None = None) -> str:
     """The user-facing route: `accelerate launch --config_file configs/accelerate/fsdp2.yaml -m crl train`
