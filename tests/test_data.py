@@ -430,7 +430,8 @@ def test_build_pools_model_refusals(tiny_model, tmp_path):
 def test_build_cli(tmp_path, capsys):
     parser = add_build_arguments(argparse.ArgumentParser())
     args = parser.parse_args(
-        ["--model", "tiny", "--out", str(tmp_path / "o"), "--limit", "2", "--max-new-tokens", "3", "--no-progress"]
+        ["--model", "tiny", "--out", str(tmp_path / "o"), "--limit", "2", "--max-new-tokens", "3", "--no-progress",
+         "--judge", "none"]  # the random tiny model's text is no harmful completion: no judge, as the demo
     )
     assert run_build(args) == 0
     assert load_pools(tmp_path / "o").sizes()["benign"] >= 2
@@ -438,7 +439,8 @@ def test_build_cli(tmp_path, capsys):
     xs = tmp_path / "x.jsonl"
     xs.write_text('{"id": "s1", "prompt": "safe one", "label": "safe"}\n{"id": "u1", "prompt": "bad", "label": "unsafe"}\n')
     args = parser.parse_args(
-        ["--model", "tiny", "--out", str(tmp_path / "o2"), "--benign", str(xs), "--limit", "1", "--max-new-tokens", "2", "--no-progress"]
+        ["--model", "tiny", "--out", str(tmp_path / "o2"), "--benign", str(xs), "--limit", "1", "--max-new-tokens", "2", "--no-progress",
+         "--judge", "none"]
     )
     assert run_build(args) == 0
     assert [e.id for e in load_pools(tmp_path / "o2").retain] in ([], ["s1"])

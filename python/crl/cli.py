@@ -18,7 +18,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-steps: expected an integer >= 1, got {args.max_steps}")
     output_dir = args.output_dir or Path("runs") / Path(args.config).stem
     result = train(config, output_dir, resume=args.resume, max_steps=args.max_steps)
-    print(f"trained {result.steps} of {config.optim.max_steps} steps; run folder: {result.output_dir}")
+    skipped = f" ({result.skipped_steps} of them without an update: non-finite loss)" if result.skipped_steps else ""
+    print(f"trained {result.steps} of {config.optim.max_steps} steps{skipped}; run folder: {result.output_dir}")
     return 0
 
 
@@ -99,13 +100,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. A user's mistake (ConfigError: a bad config value, data file, model path or
+    output folder; a missing file) is one line on stderr, `crl: error: ...`, and exit code 2; a run
+    stopped by a non-finite loss is one line and exit code 1."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from crl.training.trainer import TrainingDiverged
+
     try:
         return int(args.func(args) or 0)
     except (ConfigError, FileNotFoundError) as exc:
-        print(f"crl: error: {exc}", file=sys.stderr)
+        print(f"crl: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except TrainingDiverged as exc:
+        print(f"crl: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split("\n")).strip()
 
 
 if __name__ == "__main__":

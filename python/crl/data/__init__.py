@@ -1,8 +1,9 @@
 """Data: examples and file formats, chat-template encoding with token masks, batching, the training
-pools and how they are built, refusal templates and the built-in demo data set.
+pools and how they are built (generation, elicitation of harmful completions, imported completions),
+refusal templates and the built-in demo data set.
 
-Light modules (formats, pools, refusals, demo) are imported eagerly; the ones that need torch or
-transformers (encoding, batching, build) load on first use.
+Light modules (formats, pools, refusals, demo) are imported eagerly; the others (encoding, batching,
+build, generating, elicitation, completions) load on first use.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ _LAZY = {
     "collate": "crl.data.batching",
     "LengthGroupedBatchSampler": "crl.data.batching",
     "build_pools": "crl.data.build",
+    "BuildStopped": "crl.data.generating",
+    "Elicitation": "crl.data.elicitation",
+    "TooFewHarmfulCompletions": "crl.data.elicitation",
+    "ImportedCompletions": "crl.data.completions",
+    "load_completions": "crl.data.completions",
 }
 
 __all__ = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from crl.training.checkpoint import atomic_write_text
 from crl.training.config import TrainConfig, load_train_config
 
 
@@ -12,11 +13,17 @@ def write_model_card(run_dir: Path, config: TrainConfig) -> None:
     metrics_path = run_dir / "metrics.jsonl"
     last: dict = {}
     if metrics_path.exists():
-        lines = [ln for ln in metrics_path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        if lines:
-            last = json.loads(lines[-1])
+        for line in reversed(metrics_path.read_text(encoding="utf-8").splitlines()):
+            try:
+                last = json.loads(line)
+            except ValueError:  # a line cut short by a kill: the one before
+                continue
+            if isinstance(last, dict):
+                break
+            last = {}
     loss = config.loss
-    shown = ", ".join(f"{k} = {v:.4g}" for k, v in sorted(last.items()) if k.startswith(("loss", "active")))
+    shown = ", ".join(f"{k} = {v:.4g}" for k, v in sorted(last.items())
+                      if k.startswith(("loss", "active")) and isinstance(v, (int, float)))
     card = f"""---
 library_name: peft
 base_model: {config.model.name}
@@ -36,7 +43,7 @@ Load it with `PeftModel.from_pretrained(base_model, "{run_dir.name}/adapter")`, 
 `crl merge {run_dir.name} OUT_DIR`. The full resolved configuration is in `config.json`, and the
 per-step metrics in `metrics.jsonl`.
 """
-    (run_dir / "README.md").write_text(card, encoding="utf-8")
+    atomic_write_text(run_dir / "README.md", card)
 
 
 def load_run_config(run_dir: Path) -> TrainConfig:

@@ -6,13 +6,23 @@ ranks; see crl.training.distributed and docs/distributed.md). Every schedule cou
 optimizer steps. Each optimizer step appends one JSON object to `metrics.jsonl`; every
 `run.checkpoint_every` steps an atomic checkpoint is written, from which `--resume` continues with
 exactly the trajectory an uninterrupted run would have had (same data order, RNG and optimizer state).
+
+A run folder survives a kill at any moment: a (re)started run first removes what a killed one left
+(temporary folders and files), resumes from the newest checkpoint that is complete (falling back past
+damaged ones), and drops the metrics lines after that step (all of them when it starts from step 0),
+so metrics.jsonl never holds a step twice. A non-finite loss or gradient norm stops the run before
+the update (or skips the update, `optim.on_nonfinite = "skip"`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import shutil
+import sys
+import tempfile
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,16 +34,25 @@ import torch
 from crl.config import ConfigError
 from crl.data import EncodedExample, Example, LengthGroupedBatchSampler, collate, encode_example
 from crl.training.checkpoint import (
+    atomic_directory,
     atomic_write_json,
     atomic_write_text,
-    latest_checkpoint,
+    checkpoint_step,
+    complete_checkpoints,
+    list_checkpoints,
     read_checkpoint,
+    remove_orphans,
     restore_rng_state,
     write_checkpoint,
 )
 from crl.training.config import TrainConfig
 from crl.training.metrics import average_micro_batches, read_values, reduce_over_ranks
 from crl.training.step import LossComputer, StepBatches, contrast_selection, row_totals, step_rows, token_selection
+
+class TrainingDiverged(RuntimeError):
+    """A step's loss or gradient norm was nan or inf (with `optim.on_nonfinite = "stop"`); the message
+    names the step, the metrics and the last good checkpoint."""
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -79,6 +98,14 @@ class TrainResult:
     output_dir: Path
     steps: int
     final_metrics: dict[str, float]
+    skipped_steps: int = 0
+    """Steps of this session whose update was dropped for a non-finite loss (`optim.on_nonfinite = "skip"`)."""
+
+
+def nonfinite_metrics(values: dict[str, Any], grad_norm: float | None) -> list[str]:
+    """The loss terms (`loss*`) and the gradient norm that are nan or inf: they decide the update."""
+    named = [(k, v) for k, v in values.items() if k.startswith("loss")] + [("grad_norm", grad_norm)]
+    return [k for k, v in named if isinstance(v, float) and not math.isfinite(v)]
 
 
 def lora_layers_for(config: TrainConfig) -> list[int]:
@@ -140,11 +167,16 @@ class Trainer:
         self._check_output_dir()
         seed_everything(config.run.seed)
         if model is None:
-            from crl.models import DTYPES, load_model
+            from crl.models import DTYPES, ModelLoadError, load_model
 
-            model, tokenizer = load_model(config.model.name, dtype=DTYPES[config.model.dtype])
+            try:
+                model, tokenizer = load_model(config.model.name, dtype=DTYPES[config.model.dtype])
+            except ModelLoadError as exc:
+                raise ConfigError(f"model.name: {exc}") from None
+        self._check_layers(model)
         self.tokenizer = tokenizer
         self.base_model = model
+        self.skipped_steps = 0
         if not self.fsdp:  # the demo pools are generated on the training device
             model.to(self.accelerator.device)
         with self.accelerator.main_process_first():  # demo pools: generated once (rank 0, unsharded model), then read
@@ -235,7 +267,12 @@ class Trainer:
     # --- setup ---------------------------------------------------------------------------------
 
     def _check_output_dir(self) -> None:
-        has_ckpt = latest_checkpoint(self.checkpoints_dir) is not None
+        """Refuse an output folder that cannot be a run folder, or whose checkpoints belong to another
+        run (without --resume, or under another config). Nothing in the folder changes here (it is
+        created when missing): the run folder is only written once the config, the model and the data
+        have been checked (`_start_run_folder`)."""
+        check_output_folder(self.output_dir, create=self.is_main)
+        has_ckpt = bool(list_checkpoints(self.checkpoints_dir))
         if has_ckpt and not self.resume:
             raise ConfigError(
                 f"{self.output_dir}: holds checkpoints of an earlier run; pass --resume to continue it "
@@ -246,16 +283,38 @@ class Trainer:
             # Checkpoints only continue the run that wrote them: another config (target layers,
             # LoRA layers, schedule, data) would load into a different model or optimiser, or
             # silently change the run half-way.
-            diffs = config_differences(json.loads(saved_path.read_text(encoding="utf-8")), self.config.to_dict())
+            try:
+                saved = json.loads(saved_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"{saved_path}: cannot be read ({exc}); the run's config is needed to resume it") from None
+            diffs = config_differences(saved, self.config.to_dict())
             if diffs:
                 shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
                 raise ConfigError(
                     f"{self.output_dir}: its checkpoints were written under another config ({shown}); "
                     "resume with the config it was started with, or choose another --output-dir"
                 )
-        if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.output_dir / "config.json", self.config.to_dict())
+
+    def _check_layers(self, model: torch.nn.Module) -> None:
+        """Every layer the config names exists in the model (checked before the pools are built)."""
+        from crl.models import num_hidden_layers
+
+        depth = num_hidden_layers(model)
+        cfg = self.config
+        states = f"hidden states 1..{depth} (the model has {depth} decoder layers)"
+        checks = [("loss.target_layers", cfg.loss.target_layers, depth, states)]
+        if cfg.loss.benign_layers is not None:
+            checks.append(("loss.benign_layers", cfg.loss.benign_layers, depth, states))
+        if cfg.lora.layers is not None:
+            checks.append(("lora.layers", cfg.lora.layers, depth - 1, f"decoder layers 0..{depth - 1}"))
+        if cfg.refinement.enabled and cfg.refinement.kind != "module":
+            checks.append(("refinement.layers", cfg.refinement.layers, depth, states))
+        if cfg.refinement.enabled and cfg.refinement.kind == "module" and cfg.refinement.module_layers is not None:
+            checks.append(("refinement.module_layers", cfg.refinement.module_layers, depth,
+                           f"[low, high) within decoder layers 0..{depth - 1}"))
+        for key, layers, highest, expected in checks:
+            if any(l > highest for l in layers):
+                raise ConfigError(f"{key}: expected {expected}, got {list(layers)}")
 
     def _load_pools(self):
         from crl.data import load_pools
@@ -270,7 +329,10 @@ class Trainer:
                     self.output_dir / "pools", max_new_tokens=self.config.data.generation_max_new_tokens,
                     progress=self.config.run.progress, seed=self.config.run.seed,
                 )
-        return load_pools(Path(pools))
+        try:
+            return load_pools(Path(pools))
+        except (ValueError, FileNotFoundError) as exc:  # a malformed line, a missing field or file
+            raise ConfigError(f"data.pools: {exc}") from None
 
     @contextmanager
     def _on_generation_device(self, model: torch.nn.Module):
@@ -451,15 +513,35 @@ class Trainer:
         return x.to(device, non_blocking=True)
 
     def _restore(self) -> None:
-        path = latest_checkpoint(self.checkpoints_dir)
-        if path is None:
-            return
+        """Continue from the newest complete checkpoint (by step number, verified: see
+        crl.training.checkpoint), saying which; newer ones that are damaged are named and passed over."""
+        complete, damaged = complete_checkpoints(self.checkpoints_dir)
+        path = state = None
+        for candidate in complete:
+            try:
+                # Read onto the CPU: Optimizer.load_state_dict moves the moments to their parameters'
+                # devices and leaves Adam's `step` counters where they are, on the CPU as in a fresh run
+                # (on a GPU they would cost a device read per parameter at every step of the
+                # non-capturable Adam).
+                state = read_checkpoint(candidate, device="cpu")
+            except Exception as exc:  # noqa: BLE001 - complete on disk, yet unreadable: the one before
+                damaged.append((candidate, f"{candidate}: cannot be read ({type(exc).__name__}: {exc})"))
+                continue
+            path = candidate
+            break
+        chosen = checkpoint_step(path) if path is not None else 0
+        if self.is_main:
+            for bad, why in sorted(damaged, key=lambda item: -(checkpoint_step(item[0]) or 0)):
+                if (checkpoint_step(bad) or 0) > chosen:
+                    print(f"crl: warning: checkpoint {bad.name} is damaged, passed over: {why}", file=sys.stderr)
+            where = f"{path} (step {chosen})" if path is not None else "step 0 (no complete checkpoint yet)"
+            print(f"crl: resuming {self.output_dir} from {where}", file=sys.stderr)
+        if path is not None:
+            self._load_checkpoint(path, state)
+
+    def _load_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
         from peft import set_peft_model_state_dict
 
-        # Read onto the CPU: Optimizer.load_state_dict moves the moments to their parameters' devices and
-        # leaves Adam's `step` counters where they are, on the CPU as in a fresh run (on a GPU they
-        # would cost a device read per parameter at every step of the non-capturable Adam).
-        state = read_checkpoint(path, device="cpu")
         unwrapped = self.accelerator.unwrap_model(self.model)
         set_peft_model_state_dict(unwrapped, state["adapter"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -483,11 +565,19 @@ class Trainer:
                 raise ConfigError(f"{path}: the checkpoint has no {name} state (was it written with {name} disabled?)")
             part.load_state_dict(extra[name])
         self.step = int(trainer_state["step"])
-        if self.is_main and self.metrics_path.exists():
-            # Drop metrics logged after the checkpoint: they will be produced again.
-            lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
-            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= self.step]
-            atomic_write_text(self.metrics_path, "".join(ln + "\n" for ln in kept))
+
+    def _start_run_folder(self) -> None:
+        """Make the run folder agree with the step the run (re)starts from: remove what a killed run
+        left (temporary folders and files) and the checkpoints after that step (damaged ones: the
+        complete ones were taken), record the config, and drop the metrics of later steps."""
+        if self.is_main:
+            remove_orphans(self.output_dir)
+            for path in list_checkpoints(self.checkpoints_dir):
+                if (checkpoint_step(path) or 0) > self.step:
+                    shutil.rmtree(path, ignore_errors=True)
+            atomic_write_json(self.output_dir / "config.json", self.config.to_dict())
+            truncate_metrics(self.metrics_path, self.step)
+        self.accelerator.wait_for_everyone()
 
     def _read_metrics(self, micro_values: list[dict], grad_norm: Any) -> tuple[list[dict[str, float]], list[float | None]]:
         """Host floats of the step's metrics (per micro-batch, global under several processes) and of
@@ -533,6 +623,7 @@ class Trainer:
         """Run until `max_steps` optimizer steps (default: optim.max_steps) are done."""
         if self.resume:
             self._restore()
+        self._start_run_folder()
         total = self.config.optim.max_steps
         stop_at = min(total, max_steps) if max_steps is not None else total
         grad_accum = self.config.optim.grad_accumulation
@@ -561,18 +652,27 @@ class Trainer:
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.config.optim.max_grad_norm)
             else:
                 grad_norm = self.accelerator.clip_grad_norm_(trainable, self.config.optim.max_grad_norm)
+            seconds_optimizer = clock() - t_opt
+            # The one host synchronisation of the step: every micro-batch's metrics and the gradient
+            # norm in one device read (after one all-gather under several processes), before the
+            # update, so that a non-finite loss or gradient never reaches the weights.
+            per_micro, (grad_norm_value,) = self._read_metrics(micro_values, grad_norm)
+            values = average_micro_batches(per_micro, grad_accum)
+            nonfinite = nonfinite_metrics(values, grad_norm_value)
+            if nonfinite:
+                self._nonfinite(nonfinite, values, grad_norm_value, bar)
+            t_update = clock()
             lr = self.scheduler.get_last_lr()[0]
-            self.optimizer.step()
+            if not nonfinite:
+                self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            seconds_optimizer = clock() - t_opt
-            # The one host synchronisation of the step: every micro-batch's metrics and the gradient
-            # norm in one device read (after one all-gather under several processes).
-            per_micro, (grad_norm_value,) = self._read_metrics(micro_values, grad_norm)
-            metrics = {"step": self.step, **average_micro_batches(per_micro, grad_accum), "lr": lr,
-                       "grad_norm": grad_norm_value}
-            metrics["seconds_optimizer"] = seconds_optimizer
+            metrics = {"step": self.step, **values, "lr": lr, "grad_norm": grad_norm_value}
+            if nonfinite:  # skipped: the values as JSON can hold them (null), and which ones they were
+                metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+                metrics["nonfinite"] = nonfinite
+            metrics["seconds_optimizer"] = seconds_optimizer + clock() - t_update
             metrics["seconds_per_step"] = clock() - started
             if self.is_main:
                 with open(self.metrics_path, "a", encoding="utf-8") as handle:
@@ -590,14 +690,36 @@ class Trainer:
         if self.step >= total and self.is_main:
             self._finish()
         self.accelerator.wait_for_everyone()
-        return TrainResult(self.output_dir, self.step, metrics)
+        return TrainResult(self.output_dir, self.step, metrics, self.skipped_steps)
+
+    def _nonfinite(self, names: list[str], values: dict[str, float], grad_norm: float | None, bar: Any) -> None:
+        """A step with a non-finite loss or gradient norm (its update not applied yet): stop the run
+        (TrainingDiverged) or, with optim.on_nonfinite = "skip", count it and let the loop drop it."""
+        step = self.step + 1
+        shown = ", ".join(f"{k} = {grad_norm if k == 'grad_norm' else values[k]}" for k in names)
+        if self.config.optim.on_nonfinite == "skip":
+            self.skipped_steps += 1
+            if self.is_main:
+                print(f"crl: warning: step {step}: {shown}; its update is skipped (optim.on_nonfinite = \"skip\")",
+                      file=sys.stderr)
+            return
+        if bar is not None:
+            bar.close()
+        last = list_checkpoints(self.checkpoints_dir)
+        kept = f"{last[-1]} holds the last good state" if last else "no checkpoint was written yet"
+        raise TrainingDiverged(
+            f"step {step}: {shown} (not finite); the run stopped before applying this update ({kept}). "
+            "Lower optim.lr or the loss weights and resume with --resume, or set optim.on_nonfinite = \"skip\""
+        )
 
     def _finish(self) -> None:
-        """Write the adapter in peft format, and a model card."""
+        """Write the adapter in peft format (into a temporary folder renamed into place: a kill never
+        leaves a partial adapter/), and a model card."""
         from crl.training.export import write_model_card
 
         unwrapped = self.accelerator.unwrap_model(self.model)
-        unwrapped.save_pretrained(str(self.output_dir / "adapter"))
+        with atomic_directory(self.output_dir / "adapter") as tmp:
+            unwrapped.save_pretrained(str(tmp))
         write_model_card(self.output_dir, self.config)
 
 
@@ -611,7 +733,49 @@ def shutdown_distributed() -> None:
 
 
 #: Config keys that may change between a run and its resumption: they do not touch the training state.
-RESUMABLE_CHANGES = frozenset({"run.progress", "run.checkpoint_every", "run.keep_checkpoints"})
+RESUMABLE_CHANGES = frozenset({"run.progress", "run.checkpoint_every", "run.keep_checkpoints", "optim.on_nonfinite"})
+
+
+def check_output_folder(path: Path, *, create: bool) -> None:
+    """ConfigError unless `path` is (or can be made) a folder crl can write in: not a file, not under
+    a file, not read-only. With `create`, a missing folder is created."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--output-dir {path}: is a file, expected a folder (a run folder)")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ConfigError(f"--output-dir {path}: {existing} is a file, expected a folder")
+    if not create:
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".crl-write-test.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"--output-dir {path}: cannot write there ({exc.strerror or exc}); expected a writable folder") from None
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metrics of steps 1..`step` (the last line of each, in step order) and drop the rest:
+    later steps (logged after the checkpoint the run resumes from: they will be logged again), lines
+    that do not parse (one cut short by a kill or a full disk) and repeated steps."""
+    if not path.exists():
+        return
+    text = path.read_text(encoding="utf-8", errors="replace")
+    by_step: dict[int, str] = {}
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        number = record.get("step") if isinstance(record, dict) else None
+        if isinstance(number, int) and 1 <= number <= step:
+            by_step[number] = line
+    kept = "".join(by_step[n] + "\n" for n in sorted(by_step))
+    if kept != text:
+        atomic_write_text(path, kept)
 
 
 def config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
