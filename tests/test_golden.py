@@ -16,8 +16,9 @@ import pytest
 GOLDEN = Path(__file__).resolve().parent / "golden"
 
 
-def _recorder():
-    spec = importlib.util.spec_from_file_location("record_judge_verdicts", GOLDEN / "record_judge_verdicts.py")
+def _load(name: str):
+    """A recorder script of tests/golden as a module."""
+    spec = importlib.util.spec_from_file_location(name, GOLDEN / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -26,7 +27,7 @@ def _recorder():
 @pytest.mark.slow
 @pytest.mark.parametrize("judge", ["combined", "combined_no_semantic"])
 def test_judge_verdicts_unchanged(judge):
-    recorder = _recorder()
+    recorder = _load("record_judge_verdicts")
     xstest = recorder.REPO.parent / "shared" / "data" / "xstest"
     golden = json.loads((GOLDEN / "judge_verdicts.json").read_text())[judge]
     now = recorder.verdicts(judge, xstest if xstest.is_dir() else None)
@@ -38,20 +39,13 @@ def test_judge_verdicts_unchanged(judge):
         assert len(now[name]) == len(expected) and not changed, f"{judge} on {name}: {changed[:10]}"
 
 
-def _training_recorder():
-    spec = importlib.util.spec_from_file_location("record_training_metrics", GOLDEN / "record_training_metrics.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["crl", "circuit_breakers", "repbend", "crl_mining_refinement", "crl_adversary_module"])
 def test_training_metrics_unchanged(name, tmp_path):
     """The tiny model's metrics at a fixed seed, for each method and CRL with mining and refinement:
     bit for bit on the machine that recorded them (CPU, torch version, one thread); elsewhere float
     rounding may differ, so a relative 1e-5 is allowed there."""
-    recorder = _training_recorder()
+    recorder = _load("record_training_metrics")
     golden = json.loads((GOLDEN / f"metrics_{name}.json").read_text())
     rows = recorder.run(name, tmp_path)
     exact = golden["machine"] == recorder.machine()
