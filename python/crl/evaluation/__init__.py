@@ -14,12 +14,14 @@ from typing import Any
 from crl.evaluation.config import EvalConfig, default_demo_eval_config, load_eval_config
 
 
-def run_evaluation(config: EvalConfig, output_dir: Path, *, progress: bool = True, rejudge: bool = False) -> dict[str, Any]:
+def run_evaluation(config: EvalConfig, output_dir: Path, *, progress: bool = True, rejudge: bool = False,
+                   source: str = "eval config") -> dict[str, Any]:
     """Run or resume the evaluation; returns the report summary (also written to output_dir).
-    rejudge: judge the stored generations again first (crl.evaluation.runner.run_evaluation)."""
+    rejudge: judge the stored generations again first (crl.evaluation.runner.run_evaluation);
+    source: how errors in the config name it (its file)."""
     from crl.evaluation.runner import run_evaluation as _run
 
-    return _run(config, Path(output_dir), progress=progress, rejudge=rejudge)
+    return _run(config, Path(output_dir), progress=progress, rejudge=rejudge, source=source)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,12 +43,16 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     if args.rejudge and args.report_only:
         raise SystemExit("crl eval: --rejudge and --report-only exclude each other (--rejudge rewrites the report too)")
     if args.report_only:
+        from crl.config import ConfigError
         from crl.evaluation.report import markdown_table, write_report
 
+        if not Path(output_dir).is_dir():
+            raise ConfigError(f"--output-dir {output_dir}: expected the folder of an evaluation (--report-only)")
         summary = write_report(Path(output_dir), config=config)
         print(markdown_table(summary))
         return 0
-    summary = run_evaluation(config, Path(output_dir), progress=not args.no_progress, rejudge=args.rejudge)
+    summary = run_evaluation(config, Path(output_dir), progress=not args.no_progress, rejudge=args.rejudge,
+                             source=str(args.config))
     from crl.evaluation.report import markdown_table
 
     print(markdown_table(summary))

@@ -63,6 +63,13 @@ class PromptSetConfig:
         require(self.limit is None or self.limit >= 1, "limit", "an integer >= 1", self.limit)
         require(self.per_category is None or self.per_category >= 1, "per_category", "an integer >= 1", self.per_category)
         require(bool(self.name), "name", "a non-empty name", self.name)
+        if self.source.startswith("demo:"):
+            from crl.data.demo import DEMO_KINDS, DEMO_SPLITS
+
+            parts = self.source.split(":")
+            ok = len(parts) <= 3 and parts[1] in DEMO_KINDS and (len(parts) < 3 or parts[2] in DEMO_SPLITS)
+            require(ok, "source", f"demo:KIND[:SPLIT] with KIND one of {', '.join(DEMO_KINDS)} and SPLIT one of "
+                    f"{', '.join(DEMO_SPLITS)}, or a path", self.source)
 
 
 @dataclass
@@ -102,6 +109,11 @@ class AttackConfig:
         require(self.eps >= 0, "eps", "a number >= 0", self.eps)
         require(self.search_width >= 1, "search_width", "an integer >= 1", self.search_width)
         require(self.kind != "template" or bool(self.template), "template", "a template name or text for kind = 'template'", self.template)
+        if self.kind == "template":
+            from crl.attacks.prompting import TEMPLATES
+
+            require(self.template in TEMPLATES or "{prompt}" in self.template, "template",
+                    f"one of {', '.join(TEMPLATES)} or a text with {{prompt}}", self.template)
 
 
 @dataclass

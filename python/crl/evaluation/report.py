@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
+
+from crl.training.checkpoint import atomic_write_text
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -210,7 +213,12 @@ def _plot_pca(plt: Any, output_dir: Path, summary: dict[str, Any], records: Sequ
     hs_path = output_dir / "hidden_states.npz"
     if not hs_path.is_file():
         return None
-    data = dict(np.load(hs_path))
+    try:
+        with np.load(hs_path, allow_pickle=False) as stored:
+            data = {k: stored[k] for k in stored.files}
+    except Exception as exc:  # noqa: BLE001 - a damaged file costs the plot, not the report
+        print(f"crl: warning: {hs_path} is damaged ({type(exc).__name__}: {exc}); no PCA plot", file=sys.stderr)
+        return None
     keys = [k.split("|") for k in data]
     models = list(summary["models"])
     hs_models = [m for m in models if any(k[0] == m for k in keys)] or sorted({k[0] for k in keys})
@@ -240,8 +248,7 @@ def _plot_pca(plt: Any, output_dir: Path, summary: dict[str, Any], records: Sequ
 def write_report(output_dir: Path, *, config: Any = None, plots: bool | None = None) -> dict[str, Any]:
     output_dir = Path(output_dir)
     records = load_records(output_dir)
-    cap_path = output_dir / "capability.json"
-    capability = json.loads(cap_path.read_text()) if cap_path.is_file() else {}
+    capability = _read_capability(output_dir / "capability.json")
     model_order = None
     attack_order = None
     if config is not None:
@@ -250,12 +257,28 @@ def write_report(output_dir: Path, *, config: Any = None, plots: bool | None = N
     summary = summarise(records, capability, model_order, attack_order)
     do_plots = plots if plots is not None else (config.report.plots if config is not None else True)
     summary["plots"] = _plots(output_dir, summary, records) if do_plots else []
-    (output_dir / "report.json").write_text(json.dumps(summary, indent=2, default=lambda o: None), encoding="utf-8")
+    atomic_write_text(output_dir / "report.json", json.dumps(summary, indent=2, default=lambda o: None))
     md = "# crl evaluation\n\n" + markdown_table(summary) + "\n"
     for p in summary["plots"]:
         md += f"\n![{p}]({p})\n"
-    (output_dir / "report.md").write_text(md, encoding="utf-8")
+    atomic_write_text(output_dir / "report.md", md)
     return summary
+
+
+def _read_capability(path: Path) -> dict[str, Any]:
+    """capability.json ({} when absent); a damaged one is a ConfigError saying how to measure it again
+    (a full `crl eval` run replaces it before the report)."""
+    from crl.config import ConfigError
+
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: damaged ({exc}); run crl eval without --report-only to measure it again") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected an object per model; run crl eval without --report-only to measure it again")
+    return data
 
 
 __all__ = ["wilson_interval", "summarise", "markdown_table", "write_report", "load_records"]

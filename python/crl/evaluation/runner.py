@@ -132,6 +132,20 @@ def load_prompt_set(cfg: PromptSetConfig) -> list[Any]:
     return examples
 
 
+def load_prompt_sets(config: EvalConfig) -> dict[str, tuple[PromptSetConfig, list[Any]]]:
+    """Every prompt set of the config, by name; a file that cannot be read (missing, malformed line,
+    unknown columns) or an unknown demo set is a ConfigError naming `prompt_sets.NAME.source`."""
+    from crl.config import ConfigError
+
+    sets = {}
+    for s in config.prompt_sets:
+        try:
+            sets[s.name] = (s, load_prompt_set(s))
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"prompt_sets.{s.name}.source: {exc}") from None
+    return sets
+
+
 def to_attack_prompts(examples: Sequence[Any]) -> list[AttackPrompt]:
     out = []
     for e in examples:
@@ -177,24 +191,29 @@ def build_attack(cfg: AttackConfig, config: EvalConfig):
 
 
 class RecordStore:
-    """Append-only JSONL of records keyed by (model, purpose, attack, prompt_id); a torn last line
-    (interrupted write) is ignored and rewritten."""
+    """Append-only JSONL of records keyed by (model, purpose, attack, prompt_id); a torn line
+    (interrupted write) or one that is not a record is dropped, and the file rewritten without it
+    atomically (a temporary file renamed over it: a kill during the repair loses nothing)."""
 
     def __init__(self, path: Path):
+        from crl.training.checkpoint import atomic_write_text
+
         self.path = Path(path)
         self.records: dict[tuple[str, str, str, str], dict[str, Any]] = {}
         if self.path.is_file():
-            lines = self.path.read_text(encoding="utf-8").splitlines()
+            text = self.path.read_text(encoding="utf-8", errors="replace")
+            lines = text.splitlines()
             good = []
             for line in lines:
                 try:
                     rec = json.loads(line)
-                except ValueError:
+                    key = self.key(rec)
+                except (ValueError, KeyError, TypeError, AttributeError):
                     continue
-                self.records[self.key(rec)] = rec
+                self.records[key] = rec
                 good.append(line)
-            if len(good) != len(lines):
-                self.path.write_text("".join(l + "\n" for l in good), encoding="utf-8")
+            if len(good) != len(lines) or (text and not text.endswith("\n")):
+                atomic_write_text(self.path, "".join(l + "\n" for l in good))
 
     @staticmethod
     def key(rec: dict[str, Any]) -> tuple[str, str, str, str]:
@@ -248,7 +267,7 @@ def _chunks(items: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
 
 
 def run_evaluation(config: EvalConfig, output_dir: Path, *, progress: bool = True,
-                   pool: ModelPool | None = None, rejudge: bool = False) -> dict[str, Any]:
+                   pool: ModelPool | None = None, rejudge: bool = False, source: str = "eval config") -> dict[str, Any]:
     """Run (or resume) the evaluation described by `config` into `output_dir`; returns the report dict.
 
     Phases: (re)judge the stored records if asked, generate and judge the attacks, generate and judge
@@ -257,8 +276,8 @@ def run_evaluation(config: EvalConfig, output_dir: Path, *, progress: bool = Tru
 
     rejudge: first judge every stored record again with the configured judges (the generations are
     kept), and recompute the capability numbers that depend on judgements (over-refusal, the NLL of
-    the base model's harmful completions)."""
-    run = Evaluation(config, Path(output_dir), progress=progress, pool=pool)
+    the base model's harmful completions). source: how errors in the config name it (its file)."""
+    run = Evaluation(config, Path(output_dir), progress=progress, pool=pool, source=source)
     if rejudge:
         run.rejudge()
     run.attack()
@@ -273,20 +292,23 @@ class Evaluation:
     """The state an evaluation's phases share: the config, the models, the prompt sets, the record
     store and the judge (which scores perplexity under the base model, reusing recorded values)."""
 
-    def __init__(self, config: EvalConfig, output_dir: Path, *, progress: bool, pool: ModelPool | None) -> None:
+    def __init__(self, config: EvalConfig, output_dir: Path, *, progress: bool, pool: ModelPool | None,
+                 source: str = "eval config") -> None:
         from crl.config import ConfigError, to_dict
         from crl.evaluation.judges import build_judge
+        from crl.training.checkpoint import atomic_write_text, check_output_folder
 
         try:
             config.validate()  # resolves the "auto" capability sets; raises ConfigError on inconsistencies
+            sets = load_prompt_sets(config)  # before anything is written or loaded: a bad file is a config error
         except ConfigError as exc:
-            raise ConfigError(f"eval config: {exc}") from None
+            raise ConfigError(f"{source}: {exc}") from None
+        check_output_folder(output_dir, create=True)
         self.config = config
         self.output_dir = output_dir
         self.progress = progress
-        output_dir.mkdir(parents=True, exist_ok=True)
         self.log = _Log(progress)
-        (output_dir / "eval_config.json").write_text(json.dumps(to_dict(config), indent=2), encoding="utf-8")
+        atomic_write_text(output_dir / "eval_config.json", json.dumps(to_dict(config), indent=2))
         torch.manual_seed(config.seed)
         if pool is None:
             self.log(f"loading {config.base_model} and {len(config.adapters)} adapter(s)")
@@ -295,7 +317,7 @@ class Evaluation:
         self.pool = pool
         self.tok = pool.tokenizer
         self.models = [n for n in pool.names if n != "base" or config.include_base]
-        self.sets = {s.name: (s, load_prompt_set(s)) for s in config.prompt_sets}
+        self.sets = sets
         self.store = RecordStore(output_dir / "records.jsonl")
         # Perplexities under the base model already recorded for (prompt, response): they depend only
         # on the base model and the text, so a rejudge reuses them instead of running the model again.
@@ -406,7 +428,7 @@ class Evaluation:
         (resumable: each entry is computed once)."""
         cap = self.config.capability
         cap_path = self.output_dir / "capability.json"
-        capab: dict[str, Any] = json.loads(cap_path.read_text()) if cap_path.is_file() else {}
+        capab = read_capability(cap_path)
         measures = (
             ("kl", bool(cap.benign_set and cap.kl), self._kl),
             ("retention", bool(cap.benign_set and cap.retention), self._retention),
@@ -422,7 +444,7 @@ class Evaluation:
                 entry[key] = fn(name)
             if missing:
                 capab[name] = entry
-                cap_path.write_text(json.dumps(capab, indent=2, default=_json_default), encoding="utf-8")
+                write_capability(cap_path, capab)
 
     def _kl(self, name: str) -> Any:
         from crl.evaluation import capability as C
@@ -524,11 +546,33 @@ def _rejudge(store: RecordStore, judge: Any, config: EvalConfig, output_dir: Pat
     log(f"{changed} verdicts changed")
     cap_path = output_dir / "capability.json"
     if cap_path.is_file():
-        capab = json.loads(cap_path.read_text())
+        capab = read_capability(cap_path)
         for entry in capab.values():
             entry.pop("over_refusal", None)
             entry.pop("harmful_nll", None)
-        cap_path.write_text(json.dumps(capab, indent=2, default=_json_default), encoding="utf-8")
+        write_capability(cap_path, capab)
+
+
+def read_capability(path: Path) -> dict[str, Any]:
+    """capability.json, or {} when it is absent or damaged (every entry is then measured again)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        print(f"crl: warning: {path} is damaged ({exc}); measuring capability again", file=sys.stderr)
+        return {}
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        print(f"crl: warning: {path} does not hold an object per model; measuring capability again", file=sys.stderr)
+        return {}
+    return data
+
+
+def write_capability(path: Path, capab: dict[str, Any]) -> None:
+    """capability.json, replaced atomically (a kill leaves the old file or the new one)."""
+    from crl.training.checkpoint import atomic_write_text
+
+    atomic_write_text(path, json.dumps(capab, indent=2, default=_json_default))
 
 
 def _nanmean(xs: Sequence[float]) -> float:
@@ -552,7 +596,7 @@ def _collect_hidden_states(config: EvalConfig, pool: ModelPool, models: Sequence
     from crl.generation import chat_prompt_text
     from crl.models import capture_hidden_states, num_hidden_layers
 
-    existing = dict(np.load(path, allow_pickle=False)) if path.is_file() else {}
+    existing = read_hidden_states(path)
     with pool.use("base") as m:
         n_layers = num_hidden_layers(m)
     layer = config.report.pca_layer if config.report.pca_layer is not None else max(1, (2 * n_layers) // 3)
@@ -577,8 +621,31 @@ def _collect_hidden_states(config: EvalConfig, pool: ModelPool, models: Sequence
                     hs = capture_hidden_states(m, ids, None, [layer])[layer]
                     vecs.append(hs[0].float().mean(0).cpu().numpy())
             arrays[key] = np.stack(vecs)
-    np.savez(path, **arrays)
+    import io
+
+    from crl.training.checkpoint import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())  # a kill leaves the old file or the new one
     log(f"hidden states at layer {layer} saved for the PCA plot")
 
 
-__all__ = ["run_evaluation", "ModelPool", "RecordStore", "build_attack", "load_prompt_set", "to_attack_prompts"]
+def read_hidden_states(path: Path) -> dict[str, Any]:
+    """The arrays of hidden_states.npz, or {} when it is absent or damaged (they are collected again)."""
+    import zipfile
+
+    import numpy as np
+
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        print(f"crl: warning: {path} is damaged ({exc}); collecting the hidden states again", file=sys.stderr)
+        return {}
+
+
+__all__ = ["run_evaluation", "ModelPool", "RecordStore", "build_attack", "load_prompt_set", "load_prompt_sets",
+           "read_capability", "read_hidden_states", "to_attack_prompts"]

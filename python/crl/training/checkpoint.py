@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from crl.config import ConfigError
+
 LATEST = "latest"
 
 
@@ -131,6 +133,27 @@ def remove_orphans(output_dir: Path, names: tuple[str, ...] = ("adapter",)) -> l
                 item.unlink(missing_ok=True)
             removed.append(item)
     return removed
+
+
+def check_output_folder(path: Path, *, create: bool) -> None:
+    """ConfigError unless `path` is (or can be made) a folder crl can write in: not a file, not under
+    a file, not read-only. With `create`, a missing folder is created."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--output-dir {path}: is a file, expected a folder (a run folder)")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ConfigError(f"--output-dir {path}: {existing} is a file, expected a folder")
+    if not create:
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".crl-write-test.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"--output-dir {path}: cannot write there ({exc.strerror or exc}); expected a writable folder") from None
 
 
 def _flatten_state(state: Any, tensors: dict[str, torch.Tensor]) -> Any:

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import sys
-import tempfile
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,7 @@ from crl.training.checkpoint import (
     atomic_directory,
     atomic_write_json,
     atomic_write_text,
+    check_output_folder,
     checkpoint_step,
     complete_checkpoints,
     list_checkpoints,
@@ -734,27 +733,6 @@ def shutdown_distributed() -> None:
 
 #: Config keys that may change between a run and its resumption: they do not touch the training state.
 RESUMABLE_CHANGES = frozenset({"run.progress", "run.checkpoint_every", "run.keep_checkpoints", "optim.on_nonfinite"})
-
-
-def check_output_folder(path: Path, *, create: bool) -> None:
-    """ConfigError unless `path` is (or can be made) a folder crl can write in: not a file, not under
-    a file, not read-only. With `create`, a missing folder is created."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--output-dir {path}: is a file, expected a folder (a run folder)")
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        raise ConfigError(f"--output-dir {path}: {existing} is a file, expected a folder")
-    if not create:
-        return
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".crl-write-test.", suffix=".tmp")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise ConfigError(f"--output-dir {path}: cannot write there ({exc.strerror or exc}); expected a writable folder") from None
 
 
 def truncate_metrics(path: Path, step: int) -> None:
