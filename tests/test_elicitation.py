@@ -308,3 +308,15 @@ def test_cli_imports_completions(tmp_path, capsys):
     code = crl_main(["data", "build", "--model", "tiny", "--out", str(tmp_path / "o2"), "--harmful-completions", str(cb),
                      "--harmful", str(cb)])
     assert code == 2 and "give harmful prompts to elicit completions from" in capsys.readouterr().err
+
+
+def test_cli_dtype_is_recorded(tmp_path, capsys):
+    cb = _write(tmp_path / "cb.json", CB)
+    out = tmp_path / "bf16"
+    code = crl_main(["data", "build", "--model", "tiny", "--out", str(out), "--harmful-completions", str(cb),
+                     "--limit", "1", "--max-new-tokens", "2", "--no-progress", "--dtype", "bfloat16"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((out / "build.json").read_text())["dtype"] == "bfloat16"
+    code = crl_main(["data", "build", "--model", "tiny", "--out", str(out), "--harmful-completions", str(cb),
+                     "--limit", "1", "--max-new-tokens", "2", "--no-progress"])
+    assert code == 2 and "dtype: was 'bfloat16', now None" in capsys.readouterr().err

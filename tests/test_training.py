@@ -355,6 +355,8 @@ def test_ready_eval_config_loads() -> None:
     wide = load_eval_config(REPO / "configs" / "eval-smollm2-wide.toml")
     assert {a.prompt_set for a in wide.attacks} == {"harmful", "advbench"}
     assert {p.name: p.limit for p in wide.prompt_sets}["xstest_safe"] is None  # all 250 safe prompts
+    llama = load_eval_config(REPO / "configs" / "eval-llama3-8b.toml")
+    assert (llama.dtype, llama.device) == ("bfloat16", "cuda") and set(llama.adapters) == {"crl"}
 
 
 def test_demo_runs_end_to_end_on_the_tiny_model_and_resumes(tmp_path: Path) -> None:

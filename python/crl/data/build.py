@@ -160,6 +160,9 @@ def _build_meta(model: Any, max_new_tokens: int, refusal_source: str, refusal_sy
         "refusal_system_prompt": refusal_system_prompt if refusal_source == "model" else None,
         "system_prompt": system_prompt,
     }
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if dtype != "float32":  # other weights give other greedy completions (float32 builds leave the key out)
+        meta["dtype"] = dtype
     if elicitation is not None:
         meta["elicitation_judge"] = elicitation.settings()
     if imported is not None:
@@ -337,7 +340,9 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                              "and imported ones)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="use the first N prompts of each kind")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (a GPU for a 7-8B model)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="the model's weights (bfloat16 halves a 7-8B model's memory; build.json records it)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (on a busy machine 1 can be several times faster than the default)")
     parser.add_argument("--cache-dir", default=None, help="crl cache root (default $CRL_CACHE or ~/.cache/crl)")
@@ -428,8 +433,9 @@ def run_build(args: argparse.Namespace) -> int:
         judge_config = _judge_config(args) if judging else None
         if judging:
             parse_strategies(args.elicit or ",".join(DEFAULT_STRATEGIES), args.prefill_template)  # fail early
+        dtype = getattr(args, "dtype", "float32")
         model, tokenizer = load_model(
-            args.model, dtype=torch.float32, device=args.device, cache_dir=getattr(args, "cache_dir", None)
+            args.model, dtype=getattr(torch, dtype), device=args.device, cache_dir=getattr(args, "cache_dir", None)
         )
         elicitation = _elicitation(args, judge_config, model, tokenizer) if judging else None
         pools = build_pools(
