@@ -17,7 +17,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.max_steps is not None and args.max_steps < 1:
         raise ConfigError(f"--max-steps: expected an integer >= 1, got {args.max_steps}")
     output_dir = args.output_dir or Path("runs") / Path(args.config).stem
-    result = train(config, output_dir, resume=args.resume, max_steps=args.max_steps)
+    try:
+        result = train(config, output_dir, resume=args.resume, max_steps=args.max_steps)
+    except ConfigError as exc:  # found by the run (a layer beyond the model, a bad pool file): name the file too
+        sections = tuple(f"{f}." for f in config.to_dict())
+        raise ConfigError(f"{args.config}: {exc}" if str(exc).startswith(sections) else str(exc)) from None
     skipped = f" ({result.skipped_steps} of them without an update: non-finite loss)" if result.skipped_steps else ""
     print(f"trained {result.steps} of {config.optim.max_steps} steps{skipped}; run folder: {result.output_dir}")
     return 0

@@ -139,7 +139,7 @@ def check_output_folder(path: Path, *, create: bool) -> None:
     """ConfigError unless `path` is (or can be made) a folder crl can write in: not a file, not under
     a file, not read-only. With `create`, a missing folder is created."""
     if path.exists() and not path.is_dir():
-        raise ConfigError(f"--output-dir {path}: is a file, expected a folder (a run folder)")
+        raise ConfigError(f"--output-dir {path}: is a file, expected a folder")
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
