@@ -374,3 +374,15 @@ def test_damaged_capability_and_hidden_states_are_measured_again(tmp_path, capsy
     _truncate(hs)
     assert read_hidden_states(hs) == {}
     assert "damaged" in capsys.readouterr().err
+
+
+def test_a_damaged_demo_build_json_is_one_line(tmp_path, capsys) -> None:
+    """`data.pools = "demo"` keeps its pools in the run folder; crl.data.build writes build.json in
+    place, so a kill can leave it cut short: a clear error, not a JSONDecodeError."""
+    from crl.cli import main
+
+    (tmp_path / "run" / "pools").mkdir(parents=True)
+    (tmp_path / "run" / "pools" / "build.json").write_text('{"format": 1, "mod')
+    rc = main(["train", str(REPO / "configs" / "tiny.toml"), "--output-dir", str(tmp_path / "run")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "data.pools:" in lines[0] and "build.json is damaged" in lines[0], lines

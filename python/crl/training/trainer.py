@@ -322,12 +322,22 @@ class Trainer:
         if pools == "demo":
             from crl.data import build_pools, load_demo
 
-            with self._on_generation_device(self.base_model):
-                return build_pools(
-                    self.base_model, self.tokenizer, load_demo("harmful", "train"), load_demo("benign", "train"),
-                    self.output_dir / "pools", max_new_tokens=self.config.data.generation_max_new_tokens,
-                    progress=self.config.run.progress, seed=self.config.run.seed,
-                )
+            folder = self.output_dir / "pools"
+            try:  # a build.json cut short (crl.data.build writes it in place) would stop every rerun
+                if (folder / "build.json").is_file():
+                    json.loads((folder / "build.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"data.pools: {folder / 'build.json'} is damaged ({exc}); delete {folder} "
+                                  "to build the demo pools again") from None
+            try:
+                with self._on_generation_device(self.base_model):
+                    return build_pools(
+                        self.base_model, self.tokenizer, load_demo("harmful", "train"), load_demo("benign", "train"),
+                        folder, max_new_tokens=self.config.data.generation_max_new_tokens,
+                        progress=self.config.run.progress, seed=self.config.run.seed,
+                    )
+            except ValueError as exc:  # built with other settings
+                raise ConfigError(f"data.pools: {exc}") from None
         try:
             return load_pools(Path(pools))
         except (ValueError, FileNotFoundError) as exc:  # a malformed line, a missing field or file
