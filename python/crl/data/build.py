@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from crl.atomic import atomic_write_json
 from crl.config import ConfigError
 from crl.data.completions import COMPLETION_FORMATS, ImportedCompletions, load_completions
 from crl.data.elicitation import (
@@ -141,7 +142,7 @@ def build_pools(
         summary["imported"] = imported.files
     if elicitation is not None:
         summary["elicitation"] = elicitation_summary(harmful, log, elicitation)
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(out / SUMMARY_FILE, summary, sort_keys=False)
     if elicitation is not None:
         check_fraction(summary["elicitation"], out)
     save_pools(pools, out)
@@ -175,7 +176,7 @@ def _check_build_settings(out: Path, meta: dict) -> None:
     """Record the build's settings in a new folder; refuse a folder built with other settings."""
     meta_path = out / META_FILE
     if not meta_path.is_file():
-        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+        atomic_write_json(meta_path, meta, sort_keys=False)
         return
     old = json.loads(meta_path.read_text())
     diff = {k: (old.get(k), meta.get(k)) for k in {**old, **meta} if old.get(k) != meta.get(k)}

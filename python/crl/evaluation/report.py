@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from crl.training.checkpoint import atomic_write_text
+from crl.atomic import atomic_write_text
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:

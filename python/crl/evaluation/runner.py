@@ -196,7 +196,7 @@ class RecordStore:
     atomically (a temporary file renamed over it: a kill during the repair loses nothing)."""
 
     def __init__(self, path: Path):
-        from crl.training.checkpoint import atomic_write_text
+        from crl.atomic import atomic_write_text
 
         self.path = Path(path)
         self.records: dict[tuple[str, str, str, str], dict[str, Any]] = {}
@@ -236,7 +236,7 @@ class RecordStore:
 
     def replace_all(self, recs: Sequence[dict[str, Any]]) -> None:
         """Rewrite the whole file with `recs` (atomically: a temporary file renamed over it)."""
-        from crl.training.checkpoint import atomic_write_text
+        from crl.atomic import atomic_write_text
 
         atomic_write_text(self.path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in recs))
         self.records = {self.key(r): r for r in recs}
@@ -296,7 +296,8 @@ class Evaluation:
                  source: str = "eval config") -> None:
         from crl.config import ConfigError, to_dict
         from crl.evaluation.judges import build_judge
-        from crl.training.checkpoint import atomic_write_text, check_output_folder
+        from crl.atomic import atomic_write_text
+        from crl.training.checkpoint import check_output_folder
 
         try:
             config.validate()  # resolves the "auto" capability sets; raises ConfigError on inconsistencies
@@ -570,7 +571,7 @@ def read_capability(path: Path) -> dict[str, Any]:
 
 def write_capability(path: Path, capab: dict[str, Any]) -> None:
     """capability.json, replaced atomically (a kill leaves the old file or the new one)."""
-    from crl.training.checkpoint import atomic_write_text
+    from crl.atomic import atomic_write_text
 
     atomic_write_text(path, json.dumps(capab, indent=2, default=_json_default))
 
@@ -623,7 +624,7 @@ def _collect_hidden_states(config: EvalConfig, pool: ModelPool, models: Sequence
             arrays[key] = np.stack(vecs)
     import io
 
-    from crl.training.checkpoint import atomic_write_bytes
+    from crl.atomic import atomic_write_bytes
 
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)

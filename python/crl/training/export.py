@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from crl.training.checkpoint import atomic_write_text
+from crl.atomic import atomic_write_text
 from crl.training.config import TrainConfig, load_train_config
 
 

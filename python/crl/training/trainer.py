@@ -29,12 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from crl.atomic import atomic_write_json, atomic_write_text
 from crl.config import ConfigError
 from crl.data import EncodedExample, Example, LengthGroupedBatchSampler, collate, encode_example
 from crl.training.checkpoint import (
     atomic_directory,
-    atomic_write_json,
-    atomic_write_text,
     check_output_folder,
     checkpoint_step,
     complete_checkpoints,
