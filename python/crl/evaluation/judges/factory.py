@@ -8,6 +8,7 @@ from crl.evaluation.judges.base import Judge, PerplexityFn
 from crl.evaluation.judges.classifier import ClassifierJudge
 from crl.evaluation.judges.coherence import CoherenceJudge
 from crl.evaluation.judges.combined import CombinedJudge
+from crl.evaluation.judges.heads import CONTENT_HEAD_FILE, REFUSAL_HEAD_FILE, ContentHead, RefusalHead, load_head
 from crl.evaluation.judges.refusal import RefusalStringJudge
 from crl.evaluation.judges.semantic import SemanticJudge, default_sentence_model_path
 
@@ -34,6 +35,7 @@ def build_judge(cfg: Any, *, perplexity_fn: PerplexityFn | None = None) -> Judge
             refusal=RefusalStringJudge(cfg.refusal_mode),
             semantic=semantic,
             use_semantic=False,
+            **heads(cfg.refusal_head, cfg.content_head, semantic, cfg.heads_dir),
         )
     if kind == "classifier":
         if not cfg.classifier_path:
@@ -42,4 +44,23 @@ def build_judge(cfg: Any, *, perplexity_fn: PerplexityFn | None = None) -> Judge
     raise ValueError(f"unknown judge kind {kind!r}")
 
 
-__all__ = ["build_judge"]
+def heads(refusal: bool, content: bool, semantic: SemanticJudge | None, folder: str | None = None) -> dict[str, Any]:
+    """The learned heads of a combined judge, as keyword arguments of `CombinedJudge`: the refusal
+    head when asked for and a sentence embedder is there (it shares the semantic judge's), the
+    content head when asked for; from `folder` (default: the shipped weights). A folder without a
+    head's file is an error; the shipped folder lacking one leaves that head out."""
+    out: dict[str, Any] = {}
+    for wanted, name in ((refusal and semantic is not None, REFUSAL_HEAD_FILE), (content, CONTENT_HEAD_FILE)):
+        if not wanted:
+            continue
+        head = load_head(folder, name)
+        if head is None and folder:
+            raise FileNotFoundError(f"judge.heads_dir: {folder} has no {name}")
+        if head is not None and name == REFUSAL_HEAD_FILE:
+            out["refusal_head"] = RefusalHead(head, semantic.embedder)
+        elif head is not None:
+            out["content_head"] = ContentHead(head)
+    return out
+
+
+__all__ = ["build_judge", "heads"]
