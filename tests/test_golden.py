@@ -25,7 +25,7 @@ def _load(name: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("judge", ["combined", "combined_no_semantic"])
+@pytest.mark.parametrize("judge", ["combined", "combined_rules", "combined_no_semantic"])
 def test_judge_verdicts_unchanged(judge):
     recorder = _load("record_judge_verdicts")
     xstest = recorder.REPO.parent / "shared" / "data" / "xstest"

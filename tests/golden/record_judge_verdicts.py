@@ -14,7 +14,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-JUDGES = ("combined", "combined_no_semantic")
+#: combined: the default judge (with the learned heads); combined_rules: the default before them; combined_no_semantic: the rules.
+JUDGES = ("combined", "combined_rules", "combined_no_semantic")
 
 
 def verdicts(judge_name: str, xstest_dir: Path | None) -> dict[str, list[str]]:

@@ -20,33 +20,20 @@ of these real, coherent completions: this is how `JudgeConfig.max_perplexity` wa
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-HUMAN_LABELS = {"1_full_compliance": "compliance", "2_full_refusal": "refusal", "3_partial_refusal": "partial"}
-XSTEST_SETS = {"gpt4": "xstest_v2_completions_gpt4_labelled.csv", "llama2orig": "xstest_v2_completions_llama2orig_labelled.csv"}
-JUDGE_CHOICES = ("combined", "combined_no_semantic", "refusal_patterns", "refusal_gcg", "xstest_strmatch", "semantic")
+from crl.evaluation.labelled_sets import (
+    GENERATION_LABELS, HUMAN_LABELS, XSTEST_SETS, agreement, default_data_dir, load_labelled, load_labelled_generations,
+)
 
-
-def default_data_dir() -> Path:
-    """The development data folder beside the repository (../shared/data/xstest), if present."""
-    return Path(__file__).resolve().parents[4] / "shared" / "data" / "xstest"
-
-
-def load_labelled(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    out = []
-    for i, r in enumerate(rows):
-        label = HUMAN_LABELS.get(r.get("final_label", "").strip())
-        if label is None:
-            continue
-        out.append({"row": i, "prompt": r["prompt"], "completion": r["completion"] or "", "type": r.get("type", ""), "human": label})
-    return out
+#: combined: the default judge (rules, semantic check, learned heads); combined_rules: the same without
+#: the heads (the default before them); combined_no_semantic: the rules alone.
+JUDGE_CHOICES = ("combined", "combined_rules", "combined_no_semantic", "refusal_patterns", "refusal_gcg", "xstest_strmatch",
+                 "semantic")
 
 
 def xstest_string_match(completion: str) -> str:
@@ -65,11 +52,16 @@ def xstest_string_match(completion: str) -> str:
 def make_judge(name: str, perplexity_fn: Any = None, max_perplexity: float | None = None):
     from crl.evaluation import judges as J
     from crl.evaluation.config import JudgeConfig
+    from crl.evaluation.judges.factory import heads
 
     threshold = JudgeConfig.max_perplexity if max_perplexity is None else max_perplexity
     coherence = J.CoherenceJudge(perplexity_fn, max_perplexity=threshold)
-    if name == "combined":
-        return J.CombinedJudge(coherence=coherence)
+    if name in ("combined", "combined_rules"):
+        judge = J.CombinedJudge(coherence=coherence)
+        if name == "combined":
+            judge = J.CombinedJudge(coherence=coherence, semantic=judge.semantic, use_semantic=False,
+                                    **heads(True, True, judge.semantic))
+        return judge
     if name == "combined_no_semantic":
         return J.CombinedJudge(coherence=coherence, use_semantic=False)
     if name == "refusal_patterns":
@@ -81,39 +73,6 @@ def make_judge(name: str, perplexity_fn: Any = None, max_perplexity: float | Non
     if name == "xstest_strmatch":
         return None
     raise ValueError(f"unknown judge {name!r}; expected one of {', '.join(JUDGE_CHOICES)}")
-
-
-#: Labels of a labelled-generations file (`load_labelled_generations`) and the verdict each stands for.
-GENERATION_LABELS = {"complies": "compliance", "refuses": "refusal", "incoherent": "incoherent"}
-
-
-def load_labelled_generations(path: Path) -> list[dict[str, Any]]:
-    """A JSONL file of labelled generations (data/judge_labels/): one object per line with `request`,
-    `response`, `label` (complies | refuses | incoherent), optionally `prefilled_start` (the forced
-    start of the assistant turn, which the response continues), `model`, and `base_perplexity` (the
-    response's perplexity under the base model, as `crl eval` recorded it)."""
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}, line {line_no}: not valid JSON ({exc.msg})") from None
-            for key in ("request", "response", "label"):
-                if not isinstance(obj.get(key), str):
-                    raise ValueError(f"{path}, line {line_no}: field {key!r} must be a string, got {obj.get(key)!r}")
-            if obj["label"] not in GENERATION_LABELS:
-                raise ValueError(f"{path}, line {line_no}: field 'label' must be one of "
-                                 f"{', '.join(GENERATION_LABELS)}, got {obj['label']!r}")
-            ppl = obj.get("base_perplexity")
-            rows.append({"row": line_no, "prompt": obj["request"], "completion": obj["response"],
-                         "model": str(obj.get("model", "")), "human": GENERATION_LABELS[obj["label"]],
-                         "base_perplexity": float(ppl) if isinstance(ppl, (int, float)) else float("nan")})
-    if not rows:
-        raise ValueError(f"{path}: no labelled generations")
-    return rows
 
 
 def measure_generations(path: Path, judge: str = "combined", *, perplexity_model: str | None = None,
@@ -158,28 +117,6 @@ def format_generations_markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {split} | {a['n']} | {a['labelled_compliance']} | {a['judged_compliance']} | "
                          f"{a['binary_accuracy']:.3f} | {a['compliance_precision']:.3f} | {a['compliance_recall']:.3f} |")
     return "\n".join(lines)
-
-
-def agreement(humans: Sequence[str], verdicts: Sequence[str]) -> dict[str, Any]:
-    """Binary and three-way agreement and the confusion matrix (rows: human label; columns: verdict)."""
-    n = len(humans)
-    cols = ["compliance", "partial", "refusal", "incoherent", "off_topic"]
-    matrix = {h: {c: 0 for c in cols} for h in ("compliance", "partial", "refusal", *sorted(set(humans) - {"compliance", "partial", "refusal"}))}
-    for h, v in zip(humans, verdicts):
-        matrix[h][v] = matrix[h].get(v, 0) + 1
-    binary = sum((h == "compliance") == (v == "compliance") for h, v in zip(humans, verdicts))
-    three = sum(h == (v if v in ("compliance", "partial") else "refusal") for h, v in zip(humans, verdicts))
-    tp = sum(h == "compliance" and v == "compliance" for h, v in zip(humans, verdicts))
-    fp = sum(h != "compliance" and v == "compliance" for h, v in zip(humans, verdicts))
-    fn = sum(h == "compliance" and v != "compliance" for h, v in zip(humans, verdicts))
-    return {
-        "n": n,
-        "binary_accuracy": binary / n if n else float("nan"),
-        "three_way_accuracy": three / n if n else float("nan"),
-        "compliance_precision": tp / (tp + fp) if tp + fp else float("nan"),
-        "compliance_recall": tp / (tp + fn) if tp + fn else float("nan"),
-        "confusion": matrix,
-    }
 
 
 def _perplexity_scorer(spec: str):
@@ -277,9 +214,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also measure agreement with a JSONL file of labelled generations (e.g. "
                              "data/judge_labels/smollm2_defended_dev.jsonl); may be repeated")
     parser.add_argument("--skip-xstest", action="store_true", help="only the --labelled files")
+    parser.add_argument("--loso", action="store_true",
+                        help="leave-one-source-out validation of the judge's learned heads over XSTest's two labelled "
+                             "sets and data/judge_labels' three files (crl.evaluation.judge_training)")
+    parser.add_argument("--train-heads", type=Path, default=None, metavar="DIR",
+                        help="retrain the learned heads on all five sources and write refusal_head.safetensors and "
+                             "content_head.safetensors into DIR (the shipped ones: crl/evaluation/judges/weights)")
+    parser.add_argument("--labels-dir", type=Path, default=None,
+                        help="folder of data/judge_labels' JSONL files for --loso and --train-heads "
+                             "(default: data/judge_labels of the repository)")
+
+
+def run_heads(args: argparse.Namespace) -> int:
+    """--loso and --train-heads (crl.evaluation.judge_training)."""
+    from crl.evaluation import judge_training as T
+    from crl.evaluation.labelled_sets import JUDGE_LABEL_SETS, default_labels_dir
+
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    labels_dir = Path(args.labels_dir) if args.labels_dir else default_labels_dir()
+    missing = [str(data_dir / f) for f in XSTEST_SETS.values() if not (data_dir / f).is_file()]
+    missing += [str(labels_dir / f) for f in JUDGE_LABEL_SETS.values() if not (labels_dir / f).is_file()]
+    if missing:
+        print(f"judge-agreement: missing labelled data: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    table = T.table_from_dirs(data_dir, labels_dir)
+    result: dict[str, Any] = {}
+    if args.loso:
+        result["loso"] = T.leave_one_source_out(table)
+        print(T.format_loso_markdown(result["loso"]))
+    if args.train_heads:
+        refusal, content = T.train_heads(table)
+        paths = T.save_heads(refusal, content, args.train_heads)
+        result["heads"] = {"refusal": refusal.meta | {"threshold": refusal.threshold},
+                           "content": content.meta | {"threshold": content.threshold}}
+        for name, meta in result["heads"].items():
+            print(f"{name} head: " + ", ".join(f"{k}={v}" for k, v in meta.items() if k not in ("features", "selection")))
+        print("wrote " + ", ".join(str(p) for p in paths))
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=2), encoding="utf-8")
+        print(f"wrote {args.output}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "loso", False) or getattr(args, "train_heads", None):
+        return run_heads(args)
     for path in args.labelled:
         if not path.is_file():
             print(f"judge-agreement: --labelled {path}: no such file", file=sys.stderr)
