@@ -15,6 +15,10 @@ whole. CLI: ``crl judge-agreement [--data-dir DIR] [--judge combined] [--output 
 With ``--perplexity-model`` the coherence judge also scores each completion's perplexity under that
 model, as `crl eval` does under its base model, and the result reports the perplexity distribution
 of these real, coherent completions: this is how `JudgeConfig.max_perplexity` was calibrated.
+
+``--loso`` measures the judge's learned heads leave-one-source-out over XSTest's two sets and
+data/judge_labels' three files, and ``--train-heads DIR`` retrains them
+(crl.evaluation.judge_training).
 """
 
 from __future__ import annotations
