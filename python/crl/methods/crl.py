@@ -91,15 +91,16 @@ class CRLMethod(Method):
         target_idx = [layers.index(l) for l in self.loss_config.target_layers]
         benign_total, harmful_total = rows.benign.total, rows.harmful.total
         attacked = self._adversary_states(states, metrics)
+        attacked_s = frame.apply(attacked) if attacked is not None else None
         clean_th_s = th_s
-        if attacked is not None and self.adversary.config.module_combine == "replace":
-            th_s = frame.apply(attacked)  # the attacked states are the anchors and make the centroid
+        if attacked_s is not None and self.adversary.config.module_combine == "replace":
+            th_s = attacked_s  # the attacked states are the anchors and make the centroid
         centroid = ctx.row_mean(th_s, rows.harmful.total)  # [L, d], the collapsed harmful region (carries grad)
-        if attacked is not None:
-            self._log_adversary_hardness(take_layers(clean_th_s, target_idx), take_layers(frame.apply(attacked), target_idx),
+        if attacked_s is not None:
+            self._log_adversary_hardness(take_layers(clean_th_s, target_idx), take_layers(attacked_s, target_idx),
                                          take_layers(fh_s, target_idx), take_layers(centroid, target_idx), metrics)
             if self.adversary.config.module_combine == "join":
-                th_s, fh_s = torch.cat([th_s, frame.apply(attacked)], dim=1), torch.cat([fh_s, fh_s], dim=1)
+                th_s, fh_s = torch.cat([th_s, attacked_s], dim=1), torch.cat([fh_s, fh_s], dim=1)
                 harmful_total += rows.harmful.total
         alpha, beta = self.config.benign_weight.at(progress), self.config.harmful_weight.at(progress)
         loss = fb_s.new_zeros((), dtype=torch.float32)
