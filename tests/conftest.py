@@ -95,3 +95,24 @@ def make_toy_pools(tmp_path_factory: pytest.TempPathFactory):
         return path
 
     return make
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tmp_path_factory):
+    """A run folder with a random (non-zero) LoRA adapter on tiny:0 and its config.json."""
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from crl.models import build_tiny_llama
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("run")
+    model, _ = build_tiny_llama(seed=0)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(str(root / "adapter"))
+    (root / "config.json").write_text(json.dumps({"method": "crl"}))
+    yield root
+    torch.set_num_threads(threads)

@@ -17,24 +17,6 @@ from crl.evaluation.config import (AttackConfig, CapabilityConfig, EvalConfig, J
 from crl.evaluation.report import wilson_interval
 
 
-@pytest.fixture(scope="module")
-def adapter_run(tmp_path_factory):
-    """A run folder with a random (non-zero) LoRA adapter on tiny:0 and its config.json."""
-    from peft import LoraConfig, get_peft_model
-
-    from crl.models import build_tiny_llama
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("run")
-    model, _ = build_tiny_llama(seed=0)
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    peft_model.save_pretrained(str(root / "adapter"))
-    (root / "config.json").write_text(json.dumps({"method": "crl"}))
-    yield root
-    torch.set_num_threads(threads)
-
-
 def _config(adapter_run: Path, **kw) -> EvalConfig:
     base = dict(
         base_model="tiny",

@@ -15,17 +15,18 @@ from crl.evaluation.config import EvalConfig, default_demo_eval_config, load_eva
 
 
 def run_evaluation(config: EvalConfig, output_dir: Path, *, progress: bool = True, rejudge: bool = False,
-                   source: str = "eval config") -> dict[str, Any]:
+                   regenerate: bool = False, source: str = "eval config") -> dict[str, Any]:
     """Run or resume the evaluation; returns the report summary (also written to output_dir).
     rejudge: judge the stored generations again first (crl.evaluation.runner.run_evaluation);
-    source: how errors in the config name it (its file)."""
+    regenerate: set aside and make again the records made with other settings (otherwise they refuse
+    the run; crl.evaluation.provenance); source: how errors in the config name it (its file)."""
     from crl.evaluation.runner import run_evaluation as _run
 
-    return _run(config, Path(output_dir), progress=progress, rejudge=rejudge, source=source)
+    return _run(config, Path(output_dir), progress=progress, rejudge=rejudge, regenerate=regenerate, source=source)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """`crl eval CONFIG [--set K=V] [--output-dir DIR] [--no-progress] [--report-only] [--rejudge]`."""
+    """`crl eval CONFIG [--set K=V] [--output-dir DIR] [--no-progress] [--report-only] [--rejudge] [--regenerate]`."""
     parser.add_argument("config", help="evaluation config (TOML or YAML)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (dotted keys into tables), e.g. judge.kind=refusal_string or max_new_tokens=32")
     parser.add_argument("--output-dir", type=Path, default=None, help="output folder (default: results/CONFIG_NAME); rerunning resumes")
@@ -33,6 +34,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report from the records already there")
     parser.add_argument("--rejudge", action="store_true",
                         help="judge the stored generations again with the configured judges (after a judge changed), then resume")
+    parser.add_argument("--regenerate", action="store_true",
+                        help="records made with other settings (an attack's steps, max_new_tokens, an adapter retrained, ...) "
+                             "are set aside in records.stale.jsonl and made again; without it such a folder refuses to resume")
 
 
 def run_eval_cli(args: argparse.Namespace) -> int:
@@ -52,7 +56,7 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         print(markdown_table(summary))
         return 0
     summary = run_evaluation(config, Path(output_dir), progress=not args.no_progress, rejudge=args.rejudge,
-                             source=str(args.config))
+                             regenerate=args.regenerate, source=str(args.config))
     from crl.evaluation.report import markdown_table
 
     print(markdown_table(summary))

@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from crl.attacks.base import AttackPrompt, AttackResult
+from crl.config import to_dict
+from crl.evaluation import provenance as P
 from crl.evaluation.config import AttackConfig, EvalConfig, PromptSetConfig
 
 # --------------------------------------------------------------------------------------------------
@@ -266,8 +268,8 @@ def _chunks(items: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
         yield items[i : i + n]
 
 
-def run_evaluation(config: EvalConfig, output_dir: Path, *, progress: bool = True,
-                   pool: ModelPool | None = None, rejudge: bool = False, source: str = "eval config") -> dict[str, Any]:
+def run_evaluation(config: EvalConfig, output_dir: Path, *, progress: bool = True, pool: ModelPool | None = None,
+                   rejudge: bool = False, regenerate: bool = False, source: str = "eval config") -> dict[str, Any]:
     """Run (or resume) the evaluation described by `config` into `output_dir`; returns the report dict.
 
     Phases: (re)judge the stored records if asked, generate and judge the attacks, generate and judge
@@ -276,8 +278,11 @@ def run_evaluation(config: EvalConfig, output_dir: Path, *, progress: bool = Tru
 
     rejudge: first judge every stored record again with the configured judges (the generations are
     kept), and recompute the capability numbers that depend on judgements (over-refusal, the NLL of
-    the base model's harmful completions). source: how errors in the config name it (its file)."""
-    run = Evaluation(config, Path(output_dir), progress=progress, pool=pool, source=source)
+    the base model's harmful completions). regenerate: records made with other settings than the
+    config's (crl.evaluation.provenance) are set aside and made again; without it they refuse the run.
+    source: how errors in the config name it (its file)."""
+    run = Evaluation(config, Path(output_dir), progress=progress, pool=pool, source=source, rejudge=rejudge,
+                     regenerate=regenerate)
     if rejudge:
         run.rejudge()
     run.attack()
@@ -293,8 +298,8 @@ class Evaluation:
     store and the judge (which scores perplexity under the base model, reusing recorded values)."""
 
     def __init__(self, config: EvalConfig, output_dir: Path, *, progress: bool, pool: ModelPool | None,
-                 source: str = "eval config") -> None:
-        from crl.config import ConfigError, to_dict
+                 source: str = "eval config", rejudge: bool = False, regenerate: bool = False) -> None:
+        from crl.config import ConfigError
         from crl.evaluation.judges import build_judge
         from crl.atomic import atomic_write_text
         from crl.training.checkpoint import check_output_folder
@@ -309,7 +314,7 @@ class Evaluation:
         self.output_dir = output_dir
         self.progress = progress
         self.log = _Log(progress)
-        atomic_write_text(output_dir / "eval_config.json", json.dumps(to_dict(config), indent=2))
+        previous = P.read_previous_config(output_dir)  # what the records there were made with, before it is replaced
         torch.manual_seed(config.seed)
         if pool is None:
             self.log(f"loading {config.base_model} and {len(config.adapters)} adapter(s)")
@@ -320,6 +325,11 @@ class Evaluation:
         self.models = [n for n in pool.names if n != "base" or config.include_base]
         self.sets = sets
         self.store = RecordStore(output_dir / "records.jsonl")
+        self.identities = {"base": "base", **{n: P.adapter_identity(d / "adapter" if (d / "adapter").is_dir() else d)
+                                             for n, d in pool.adapters.items()}}
+        self.judge_id = P.judge_digest(config.judge)
+        self._check_records(previous, rejudge=rejudge, regenerate=regenerate)
+        atomic_write_text(output_dir / "eval_config.json", json.dumps(to_dict(config), indent=2))
         # Perplexities under the base model already recorded for (prompt, response): they depend only
         # on the base model and the text, so a rejudge reuses them instead of running the model again.
         self.recorded_ppl: dict[tuple[str, str], float] = {}
@@ -345,8 +355,68 @@ class Evaluation:
         for r, j in zip(results, js):
             r.success = j.success
             recs.append({"model": model_name, "method": self.pool.methods.get(model_name, "unknown"), "purpose": purpose,
-                         **r.to_dict(), "judgement": j.to_dict()})
+                         **r.to_dict(), "judgement": j.to_dict(),
+                         "settings": self.settings_for(config=self.config, model=model_name, purpose=purpose, attack=r.attack),
+                         "judge": self.judge_id})
         return recs
+
+    def settings_for(self, *, config: EvalConfig, model: str, purpose: str, attack: str) -> dict[str, Any] | None:
+        """The settings `config` gives a record (crl.evaluation.provenance), or None when its attack
+        is not in `config`. model: the record's model, whose identity joins them for this config."""
+        if purpose == "attack":
+            acfg = next((a for a in config.attacks if a.name == attack), None)
+            settings = None if acfg is None else P.attack_settings(acfg, config)
+        else:
+            settings = P.answer_settings(config)
+        if settings is not None and config is self.config:
+            settings["model"] = self.identities.get(model, "unknown")
+        return settings
+
+    def _check_records(self, previous: EvalConfig | None, *, rejudge: bool, regenerate: bool) -> None:
+        """Refuse, or with `regenerate` set aside, the records made with other settings than the
+        config's; refuse records judged with another judge unless `rejudge` (which judges them again)."""
+        from crl.config import ConfigError
+
+        def expected(rec: dict[str, Any]) -> dict[str, Any] | None:
+            return self.settings_for(config=self.config, model=rec["model"], purpose=rec.get("purpose", "attack"),
+                                     attack=rec["attack"])
+
+        def legacy(rec: dict[str, Any]) -> dict[str, Any] | None:
+            if previous is None:
+                return None
+            return self.settings_for(config=previous, model=rec["model"], purpose=rec.get("purpose", "attack"),
+                                     attack=rec["attack"])
+
+        check = P.ProvenanceCheck(expected, legacy, self.judge_id,
+                                  None if previous is None else P.judge_digest(previous.judge))
+        records = list(self.store.records.values())
+        stale = check.stale(records)
+        if stale and not regenerate:
+            raise ConfigError(P.describe_stale(stale, self.store.path))
+        if stale:
+            self._set_aside([rec for rec, _ in stale])
+            records = list(self.store.records.values())
+        wrong_judge = check.misjudged(records)
+        if wrong_judge and not rejudge:
+            changed = "" if previous is None else ", ".join(
+                f"judge.{k}" for k, _, _ in P.differences(to_dict(previous.judge), to_dict(self.config.judge)))
+            raise ConfigError(f"{self.store.path}: {wrong_judge} records were judged with other judge settings than the "
+                              f"config's [judge]{' (' + changed + ')' if changed else ' (or other head weights)'}. "
+                              "Pass --rejudge to judge them again (the generations are kept), or use a new --output-dir")
+
+    def _set_aside(self, stale: list[dict[str, Any]]) -> None:
+        """Move stale records to records.stale.jsonl and drop what was computed from them."""
+        keys = {RecordStore.key(r) for r in stale}
+        self.log(f"{len(stale)} records made with other settings: set aside in {P.STALE_FILE}, made again")
+        P.set_aside(stale, self.output_dir)
+        self.store.replace_all([r for k, r in self.store.records.items() if k not in keys])
+        cap_path = self.output_dir / "capability.json"
+        capab = read_capability(cap_path)
+        for model in {r["model"] for r in stale}:
+            capab.pop(model, None)
+        if cap_path.is_file():
+            write_capability(cap_path, capab)
+        (self.output_dir / "hidden_states.npz").unlink(missing_ok=True)
 
     # --- phases ------------------------------------------------------------------------------
 
@@ -355,7 +425,7 @@ class Evaluation:
             ppl = rec.get("judgement", {}).get("scores", {}).get("perplexity")
             if isinstance(ppl, (int, float)) and math.isfinite(ppl):
                 self.recorded_ppl[(rec["prompt"], rec["response"])] = float(ppl)
-        _rejudge(self.store, self.judge, self.config, self.output_dir, self.log)
+        _rejudge(self.store, self.judge, self.config, self.output_dir, self.log, judge_id=self.judge_id)
 
     def attack(self) -> None:
         """Each attack on each model, for the prompts without a record yet."""
@@ -439,13 +509,25 @@ class Evaluation:
         )
         self._embedder: Any = None
         for name in self.models:
+            settings = self._capability_settings(name)
             entry = capab.get(name, {})
+            if entry.get("settings", settings) != settings:  # measured under other [capability] / judge / weights
+                self.log(f"{name}: capability measured with other settings, measured again")
+                entry = {}
             missing = [(key, fn) for key, wanted, fn in measures if wanted and key not in entry]
             for key, fn in missing:
                 entry[key] = fn(name)
-            if missing:
-                capab[name] = entry
+            if missing or "settings" not in entry:
+                capab[name] = {**entry, "settings": settings}
                 write_capability(cap_path, capab)
+
+    def _capability_settings(self, name: str) -> str:
+        """A digest of what a model's capability numbers depend on beyond its records."""
+        import hashlib
+
+        text = json.dumps([to_dict(self.config.capability), self.judge_id, self.identities.get(name, "unknown"),
+                           self.identities["base"], self.config.base_model], sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def _kl(self, name: str) -> Any:
         from crl.evaluation import capability as C
@@ -527,7 +609,8 @@ class Evaluation:
         return report
 
 
-def _rejudge(store: RecordStore, judge: Any, config: EvalConfig, output_dir: Path, log: Callable[[str], None]) -> None:
+def _rejudge(store: RecordStore, judge: Any, config: EvalConfig, output_dir: Path, log: Callable[[str], None], *,
+             judge_id: str) -> None:
     """Judge every stored record again (after a judge changed), rewrite records.jsonl, and drop the
     capability entries computed from the old judgements so that the run recomputes them."""
     recs = list(store.records.values())
@@ -543,6 +626,7 @@ def _rejudge(store: RecordStore, judge: Any, config: EvalConfig, output_dir: Pat
                 changed += rec["judgement"].get("verdict") != j.verdict
                 rec["judgement"] = j.to_dict()
                 rec["success"] = j.success
+                rec["judge"] = judge_id
     store.replace_all(recs)
     log(f"{changed} verdicts changed")
     cap_path = output_dir / "capability.json"
