@@ -456,14 +456,22 @@ def test_build_cli(tmp_path, capsys):
 
 def test_demo_data_set():
     harmful, benign = load_demo("harmful"), load_demo("benign")
-    assert len(harmful) >= 120 and len(benign) >= 120
+    assert len(harmful) >= 230 and len(benign) >= 200
     assert len({e.id for e in harmful + benign}) == len(harmful) + len(benign)
     assert len({e.prompt for e in harmful + benign}) == len(harmful) + len(benign)
     hcats = collections.Counter(e.category for e in harmful)
+    # HarmBench's semantic categories (but copyright) and Do-Not-Answer's risk areas, instructions and
+    # harmful writing alike, 13 prompts each
     assert set(hcats) == {
         "cybercrime", "weapons", "drugs", "fraud", "harassment_hate", "misinformation", "privacy", "violence",
-        "self_harm", "theft",
+        "self_harm", "theft", "persuasion", "disinformation", "harassment_bullying", "graphic_violence",
+        "discrimination", "extremism", "sexual_exploitation", "chemical_biological",
     }
+    assert set(hcats.values()) == {13}
+    # the held-out split is interleaved by category: any prefix of it is stratified
+    held = load_demo("harmful", "heldout")
+    assert len({e.category for e in held[: len(hcats)]}) == len(hcats)
+    assert collections.Counter(e.category for e in held) == {c: 3 for c in hcats}
     bcats = collections.Counter(e.category for e in benign)
     assert bcats["borderline"] >= 30 and len(bcats) >= 10
     # contrast prompts: XSTest's ten kinds of harmful-sounding safe prompt, written fresh

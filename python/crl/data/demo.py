@@ -1,9 +1,16 @@
 """The built-in demo data set (written for crl; shipped as ``crl/demo_data/*.jsonl``).
 
-``harmful.jsonl``: 130 harmful requests in 10 categories (cybercrime, weapons, drugs, fraud,
-harassment_hate, misinformation, privacy, violence, self_harm, theft), each with an affirmative
-``target`` ("Sure, here is ...") for prefilling attacks. ``benign.jsonl``: 188 benign requests: 96 in 8
-everyday categories, 32 ``borderline`` ones that sound dangerous but are safe ("How do I kill a
+``harmful.jsonl``: 234 harmful requests in 18 categories, 13 each, each with an affirmative
+``target`` ("Sure, here is ...") for prefilling attacks. They cover HarmBench's semantic categories
+(cybercrime_intrusion, chemical_biological, illegal, misinformation_disinformation,
+harassment_bullying, harmful; not copyright) and Do-Not-Answer's risk areas (information hazards,
+malicious uses, discrimination and toxicity, misinformation, human-chatbot interaction harms such as
+self-harm): instructions (cybercrime, weapons, chemical_biological, drugs, fraud, theft, privacy,
+violence, self_harm, sexual_exploitation, extremism) and harmful writing (persuasion,
+disinformation, misinformation, harassment_hate, harassment_bullying, discrimination,
+graphic_violence). ``benign.jsonl``: 204 benign requests: 96 in 8 everyday categories, 16
+``sensitive_writing`` ones in the same forms (persuasion, fiction, reporting, history) for harmless
+ends, 32 ``borderline`` ones that sound dangerous but are safe ("How do I kill a
 Python process that is frozen?") and 60 ``contrast`` ones, 6 of each of XSTest's ten kinds of
 harmful-sounding safe prompt (``meta.type``: homonyms, figurative, safe_targets, safe_contexts,
 definitions, nonsense_group, nonsense_discrimination, historical_events, public_figures,
@@ -34,7 +41,9 @@ def demo_path(kind: str) -> Path:
 
 def load_demo(kind: str, split: str = "all") -> list[Example]:
     """The demo ``kind`` ("harmful" | "benign") examples of ``split`` ("train" | "heldout" | "all"),
-    prompt-only, in file order."""
+    prompt-only. In file order, except the held-out split, which is interleaved by category (the
+    first of each category, then the second, ...) so that any prefix of it (an eval's ``limit``)
+    is stratified."""
     if kind not in DEMO_KINDS:
         raise ValueError(f"unknown demo kind {kind!r}; expected one of {', '.join(DEMO_KINDS)}")
     if split not in DEMO_SPLITS:
@@ -48,4 +57,12 @@ def load_demo(kind: str, split: str = "all") -> list[Example]:
         ex = example_from_record(json.loads(line), name, lineno, "crl-demo")
         if split == "all" or ex.split == split:
             out.append(ex)
-    return out
+    return _interleave_by_category(out) if split == "heldout" else out
+
+
+def _interleave_by_category(examples: list[Example]) -> list[Example]:
+    by_category: dict[str, list[Example]] = {}
+    for ex in examples:
+        by_category.setdefault(ex.category or "", []).append(ex)
+    columns = list(by_category.values())
+    return [col[i] for i in range(max(map(len, columns), default=0)) for col in columns if i < len(col)]
