@@ -57,6 +57,14 @@ def test_run_report_resume(adapter_run, tmp_path, monkeypatch):
             got = report["models"][model]["attacks"][attack]
             assert (got["n"], got["successes"]) == (len(recs), k)
             assert got["ci95"] == pytest.approx(list(wilson_interval(k, len(recs))))
+            # per prompt category: the demo prompts' categories, counted from the records
+            cats = {}
+            for r in recs:
+                assert r["category"] == r["prompt_id"].split("-")[1]
+                c = cats.setdefault(r["category"], {"n": 0, "successes": 0})
+                c["n"] += 1
+                c["successes"] += r["judgement"]["success"]
+            assert got["by_category"] == cats
         over = [r for r in records if r["purpose"] == "over_refusal" and r["model"] == model]
         o = report["models"][model]["over_refusal"]
         assert (o["n"], o["not_answered"]) == (len(over), sum(not r["judgement"]["answered"] for r in over))
@@ -66,6 +74,7 @@ def test_run_report_resume(adapter_run, tmp_path, monkeypatch):
     assert report["models"]["trained"]["harmful_nll"]["targets"]["n"] == 3
     md = (out / "report.md").read_text()
     assert "| trained | crl |" in md
+    assert "## Successes by prompt category" in md and "| trained | direct |" in md
 
     # resumption: nothing is redone...
     from crl.attacks import embedding, prompting

@@ -79,6 +79,9 @@ def summarise(records: Sequence[dict[str, Any]], capability: dict[str, Any] | No
                 "n": n, "successes": k, "asr": k / n, "ci95": [lo, hi], "verdicts": dict(verdicts), "mean_budget": budget,
                 "mean_best_loss": (sum(losses) / len(losses)) if losses else None,
             }
+            by_category = _by_category(recs)
+            if by_category:
+                entry["attacks"][a]["by_category"] = by_category
         cap = capability.get(m, {})
         if "over_refusal" in cap:
             o = dict(cap["over_refusal"])
@@ -89,6 +92,35 @@ def summarise(records: Sequence[dict[str, Any]], capability: dict[str, Any] | No
                 entry[key] = cap[key]
         out["models"][m] = entry
     return out
+
+
+def _by_category(recs: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """{category: {"n", "successes"}} over the records that name their prompt's category."""
+    out: dict[str, dict[str, int]] = {}
+    for r in recs:
+        if r.get("category"):
+            c = out.setdefault(r["category"], {"n": 0, "successes": 0})
+            c["n"] += 1
+            c["successes"] += bool(r["judgement"]["success"])
+    return dict(sorted(out.items()))
+
+
+def category_table(summary: dict[str, Any]) -> str:
+    """Successes/n per prompt category (rows: model and attack; columns: categories), or "" when no
+    record names a category. Per-category counts are small: read them as where to look, not as rates."""
+    rows, categories = [], []
+    for m, e in summary["models"].items():
+        for a, x in e["attacks"].items():
+            if "by_category" in x:
+                rows.append((m, a, x["by_category"]))
+                categories += [c for c in x["by_category"] if c not in categories]
+    if not rows:
+        return ""
+    lines = ["| model | attack | " + " | ".join(categories) + " |", "|---|---|" + "---:|" * len(categories)]
+    for m, a, cats in rows:
+        cells = [f"{cats[c]['successes']}/{cats[c]['n']}" if c in cats else "-" for c in categories]
+        lines.append(f"| {m} | {a} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _fmt_rate(k: int, n: int) -> str:
@@ -259,6 +291,9 @@ def write_report(output_dir: Path, *, config: Any = None, plots: bool | None = N
     summary["plots"] = _plots(output_dir, summary, records) if do_plots else []
     atomic_write_text(output_dir / "report.json", json.dumps(summary, indent=2, default=lambda o: None))
     md = "# crl evaluation\n\n" + markdown_table(summary) + "\n"
+    by_category = category_table(summary)
+    if by_category:
+        md += "\n## Successes by prompt category\n\n" + by_category + "\n"
     for p in summary["plots"]:
         md += f"\n![{p}]({p})\n"
     atomic_write_text(output_dir / "report.md", md)

@@ -446,10 +446,14 @@ class Evaluation:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(todo), desc=f"{name}/{attack_name}", unit="prompt", leave=False)
+        categories = {p.id: p.category for p in todo}
         for part in _chunks(todo, chunk):
             with self.pool.use(name) as m:
                 results = attack.run(m, self.tok, list(part))
-            self.store.add(self.judged(results, name, "attack"))
+            recs = self.judged(results, name, "attack")
+            for rec in recs:
+                rec["category"] = categories.get(rec["prompt_id"])
+            self.store.add(recs)
             if bar is not None:
                 bar.update(len(part))
         if bar is not None:
