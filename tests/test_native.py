@@ -416,9 +416,36 @@ def test_bench_quick(tmp_path):
     assert data["results"], data
     backends = {r["backend"] for r in data["results"]}
     assert {"crl-fp32", "crl-bf16", "numpy"} <= backends
+    assert {"torch-fp32", "torch-bf16"} <= backends  # what a PyTorch user types first, by default
     for r in data["results"]:
         assert r["seconds"] > 0 and r["gflops"] > 0
+        assert 0.0 <= r["recall_at_k"] <= 1.0
+        if r["backend"].startswith(("crl-", "numpy", "faiss")):
+            assert r["recall_at_k"] == 1.0, r  # exact on the inputs it was given
     assert data["machine"]["threads"] >= 1 and data["machine"]["read_gbps"] > 0
+
+
+def test_recall_at_k_against_brute_force():
+    """The benchmark's recall@k: exact answers score 1.0 (ties at the k-th score too); a wrong id counts."""
+    from crl.benchmarks.mining import exact_kth_scores, recall_at_k, result_ids
+
+    rng = np.random.default_rng(0)
+    q, b = rng.standard_normal((5, 16)).astype(np.float32), rng.standard_normal((50, 16)).astype(np.float32)
+    b[7] = b[3]  # a tie
+    ref = exact_kth_scores([q], [b], 4, chunk=16)
+    exact = np.argsort(-(q.astype(np.float64) @ b.astype(np.float64).T), axis=1)[:, :4]
+    assert recall_at_k([exact], ref, 4) == 1.0
+    wrong = exact.copy()
+    wrong[0, 0] = np.argsort(q[0].astype(np.float64) @ b.T.astype(np.float64))[0]  # the worst match
+    assert recall_at_k([wrong], ref, 4) == pytest.approx(19 / 20)
+    dup = exact.copy()
+    dup[1, 1] = dup[1, 0]  # a duplicate id is one result, not two
+    assert recall_at_k([dup], ref, 4) == pytest.approx(19 / 20)
+    # every backend's output shape is read the same
+    scores = np.zeros((5, 4), np.float32)
+    assert all(np.array_equal(x, exact) for x in result_ids((scores, exact)))
+    assert np.array_equal(result_ids((scores[None], exact[None]))[0], exact)
+    assert np.array_equal(result_ids([(scores, exact)])[0], exact)
 
 
 # --------------------------------------------------------------------------------------------

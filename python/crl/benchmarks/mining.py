@@ -15,6 +15,11 @@ Backends (skipped when the library is missing):
 The per-layer mining shape searches 11 banks (16 queries each) in one ``search_many`` call, against
 a Python loop over 11 FAISS indexes (and over numpy/torch).
 
+Beside each time, ``recall_at_k``: the share of the returned ids whose exact score (float64, on the
+inputs the backend was given: the bf16-rounded values for the bf16 backends) is at least the query's
+exact k-th best score. An exact top-k has 1.0; torch's bf16 matmul rounds the scores to bf16 before
+its top-k, and misses some.
+
 The memory read bandwidth is measured with a numpy sum over a large array; for each result the
 roofline fraction is (bank bytes / bandwidth) / time, which is meaningful where the search is
 memory-bound (few queries).
@@ -125,9 +130,51 @@ def _set_numpy_threads(threads: int):
         return None
 
 
+def _bf16_values(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (int16) -> the float32 values they stand for."""
+    return (bits.astype(np.int32) << 16).view(np.float32)
+
+
+def exact_kth_scores(qs: list[np.ndarray], bs: list[np.ndarray], k: int, chunk: int = 8192) -> list[np.ndarray]:
+    """Per bank, [Q, N] reference scores in float64 and each query's k-th best score: the reference a
+    backend's answer is checked against (bf16 backends against the bf16-rounded inputs, whose exact
+    products they are asked for)."""
+    out = []
+    for q, b in zip(qs, bs):
+        q64 = q.astype(np.float64)
+        scores = np.concatenate([q64 @ b[i:i + chunk].astype(np.float64).T for i in range(0, b.shape[0], chunk)], axis=1)
+        kk = min(k, b.shape[0])
+        kth = -np.partition(-scores, kk - 1, axis=1)[:, kk - 1]
+        out.append((scores, kth))
+    return out
+
+
+def recall_at_k(ids: list[np.ndarray], reference: list[tuple[np.ndarray, np.ndarray]], k: int) -> float:
+    """Share of returned ids (k per query, distinct) whose exact score is at least the query's exact
+    k-th best: 1.0 for an exact top-k (ties at the k-th score count as right)."""
+    hits = total = 0
+    for got, (scores, kth) in zip(ids, reference):
+        got = np.asarray(got, dtype=np.int64).reshape(scores.shape[0], -1)[:, :k]
+        for row, s, t in zip(got, scores, kth):
+            valid = np.unique(row[row >= 0])
+            hits += int((s[valid] >= t).sum())
+            total += min(k, s.shape[0])
+    return hits / total if total else 1.0
+
+
+def result_ids(out) -> list[np.ndarray]:
+    """The ids of any backend's output, one [Q, k] array per bank (native: (scores, ids) of 2 or 3
+    dims; FAISS / numpy: a list of (scores, ids); torch: a list of topk results)."""
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], np.ndarray):
+        ids = out[1]
+        return [ids] if ids.ndim == 2 else list(ids)
+    return [np.asarray(x[1] if isinstance(x, tuple) else x.indices) for x in out]
+
+
 def build_backends(case: Case, k: int, threads: int, want: set[str] | None, rng: np.random.Generator):
-    """Data and one callable per backend (each returns (scores, ids)), with the bytes per bank element
-    each one reads."""
+    """Data and one callable per backend (each returns (scores, ids)), the bytes per bank element
+    each one reads, and the function that gives each backend's recall@k against the exact top-k of
+    the inputs it was given."""
     from crl import _native
 
     L, Q, N, d = case.banks, case.q, case.n, case.d
@@ -146,7 +193,16 @@ def build_backends(case: Case, k: int, threads: int, want: set[str] | None, rng:
     candidates.append(("numpy", _numpy_backend(qs, bs, k), 4))
     candidates += _torch_backends(qs, bs, k, threads, bf16=want is None or "torch-bf16" in want)
     chosen = [(name, fn, size) for name, fn, size in candidates if want is None or name in want]
-    return {name: fn for name, fn, _ in chosen}, {name: size for name, _, size in chosen}
+    references: dict[int, list] = {}
+
+    def recall(name: str, out) -> float:
+        size = dict((n, sz) for n, _, sz in chosen)[name]
+        if size not in references:  # bf16 backends are checked against the bf16-rounded inputs
+            inputs = (qs, bs) if size == 4 else ([_bf16_values(x) for x in qb], [_bf16_values(x) for x in bb])
+            references[size] = exact_kth_scores(*inputs, k)
+        return recall_at_k(result_ids(out), references[size], k)
+
+    return {name: fn for name, fn, _ in chosen}, {name: size for name, _, size in chosen}, recall
 
 
 def _faiss_backends(qs: list[np.ndarray], bs: list[np.ndarray], k: int, threads: int) -> list[tuple[str, Callable, int]]:
@@ -217,10 +273,9 @@ def _torch_backends(qs: list[np.ndarray], bs: list[np.ndarray], k: int, threads:
 
 
 def run_case(case: Case, k: int, threads: int, repeats: int, want, rng, bw: float) -> list[dict]:
-    fns, bytes_per = build_backends(case, k, threads, want, rng)
+    fns, bytes_per, recall = build_backends(case, k, threads, want, rng)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():  # warm-up (page faults, pools, FAISS/BLAS init)
-        fn()
+    recalls = {name: recall(name, fn()) for name, fn in fns.items()}  # also the warm-up (page faults, pools, init)
     for _ in range(repeats):
         for name, fn in fns.items():
             t0 = time.perf_counter()
@@ -236,6 +291,7 @@ def run_case(case: Case, k: int, threads: int, repeats: int, want, rng, bw: floa
                 "label": case.label,
                 "backend": name,
                 "seconds": t,
+                "recall_at_k": recalls[name],
                 "all_seconds": times[name],
                 "gflops": case.flops / t / 1e9,
                 "gbps": bank_bytes / t / 1e9,
@@ -274,12 +330,12 @@ def evaluate_targets(results: list[dict]) -> list[dict]:
 
 
 def _print_table(results: list[dict], targets: list[dict], meta: dict) -> None:
-    header = ["shape", "backend", "ms", "GFLOP/s", "GB/s", "roofline", "x FAISS", "x FAISS-BLAS"]
+    header = ["shape", "backend", "ms", "recall@k", "GFLOP/s", "GB/s", "roofline", "x FAISS", "x FAISS-BLAS"]
     rows = []
     for r in results:
         f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
         rows.append(
-            [r["label"], r["backend"], f(r["seconds"] * 1e3, ".1f"), f(r["gflops"], ".1f"), f(r["gbps"], ".1f"),
+            [r["label"], r["backend"], f(r["seconds"] * 1e3, ".1f"), f(r["recall_at_k"], ".4f"), f(r["gflops"], ".1f"), f(r["gbps"], ".1f"),
              f(r["roofline_fraction"], ".0%"), f(r["ratio_to_faiss"], ".2f"), f(r["ratio_to_faiss_blas"], ".2f")]
         )
     m = meta
