@@ -1,4 +1,4 @@
-"""The `crl` command line: train, merge, data build, demo, eval, probe-layers and bench."""
+"""The `crl` command line: train, merge, data build, testbed build, demo, eval, probe-layers and bench."""
 
 from __future__ import annotations
 
@@ -71,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_build_arguments(build)
     build.set_defaults(func=run_build)
+
+    p = sub.add_parser("testbed", help="a refusing model built on the CPU (the safety-tuned regime the paper defends)")
+    testbed_sub = p.add_subparsers(dest="testbed_command", required=True)
+    tb = testbed_sub.add_parser("build", help="LoRA-tune the base model to refuse the demo's harmful prompts, merge, cache")
+    from crl.testbed import add_testbed_arguments, run_testbed_cli
+
+    add_testbed_arguments(tb)
+    tb.set_defaults(func=run_testbed_cli)
 
     p = sub.add_parser("demo", help="the offline demo: build pools with SmolLM2, train CRL on the CPU, compare")
     from crl.demo import add_demo_arguments
