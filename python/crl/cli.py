@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_build_arguments(build)
     build.set_defaults(func=run_build)
 
+    p = sub.add_parser("eval-summary", help="mean and range over seeds of several crl eval folders per setting")
+    from crl.evaluation.seeds import add_summary_arguments, run_summary_cli
+
+    add_summary_arguments(p)
+    p.set_defaults(func=run_summary_cli)
+
     p = sub.add_parser("testbed", help="a refusing model built on the CPU (the safety-tuned regime the paper defends)")
     testbed_sub = p.add_subparsers(dest="testbed_command", required=True)
     tb = testbed_sub.add_parser("build", help="LoRA-tune the base model to refuse the demo's harmful prompts, merge, cache")
