@@ -425,6 +425,15 @@ def test_bench_quick(tmp_path):
     assert data["machine"]["threads"] >= 1 and data["machine"]["read_gbps"] > 0
 
 
+def test_peak_probe():
+    assert native.peak_gflops(threads=1, seconds=0.01) > 0.1
+    assert native.peak_gflops(bf16=False, simd="scalar", threads=1, seconds=0.01) > 0.01
+    with pytest.raises(ValueError, match="seconds"):
+        native.peak_gflops(seconds=0)
+    with pytest.raises(ValueError, match="simd"):
+        native.peak_gflops(simd="sse9")
+
+
 def test_recall_at_k_against_brute_force():
     """The benchmark's recall@k: exact answers score 1.0 (ties at the k-th score too); a wrong id counts."""
     from crl.benchmarks.mining import exact_kth_scores, recall_at_k, result_ids

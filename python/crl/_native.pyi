@@ -155,3 +155,9 @@ def simd_path() -> str:
 
 def default_threads() -> int:
     """The number of threads a call without ``threads=`` uses (all cores)."""
+
+
+def peak_gflops(*, bf16: bool = True, simd: SimdPath | None = None, threads: int | None = None, seconds: float = 0.2) -> float:
+    """Measured arithmetic peak in GFLOP/s of the SIMD path's multiply-add (``vdpbf16ps`` for bf16 on
+    the AVX512-BF16 path, fp32 FMA otherwise) on ``threads`` threads: a register-only loop about
+    ``seconds`` long (in (0, 60]). The ceiling ``crl bench mining`` holds its GEMM path to."""

@@ -652,6 +652,22 @@ fn simd_path() -> PyResult<&'static str> {
     Ok(resolve_simd(None)?.name())
 }
 
+/// Measured arithmetic peak in GFLOP/s of `simd`'s multiply-add (`vdpbf16ps` for bf16 on the
+/// AVX512-BF16 path, fp32 FMA otherwise) on `threads` threads: a register-only loop, about
+/// `seconds` long. The ceiling the mining benchmark holds its GEMM path to.
+#[pyfunction]
+#[pyo3(signature = (*, bf16 = true, simd = None, threads = None, seconds = 0.2))]
+fn peak_gflops(py: Python<'_>, bf16: bool, simd: Option<&str>, threads: Option<usize>, seconds: f64) -> PyResult<f64> {
+    if !(seconds.is_finite() && seconds > 0.0 && seconds <= 60.0) {
+        return Err(PyValueError::new_err(format!("seconds: expected a number in (0, 60], got {seconds}")));
+    }
+    let s = resolve_simd(simd)?;
+    let t = threads.unwrap_or(0);
+    py.detach(|| crl_core::peak_flops(s, bf16, t, seconds))
+        .map(|f| f / 1e9)
+        .map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
 /// The number of threads a call without `threads=` uses (all cores).
 #[pyfunction]
 fn default_threads() -> usize {
@@ -665,6 +681,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simd_paths, m)?)?;
     m.add_function(wrap_pyfunction!(simd_path, m)?)?;
     m.add_function(wrap_pyfunction!(default_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(peak_gflops, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

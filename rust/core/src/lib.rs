@@ -27,7 +27,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use rayon::prelude::*;
 
 mod kernels;
+mod peak;
 mod topk;
+
+pub use peak::peak_flops;
 
 pub use topk::TopK;
 

@@ -391,3 +391,13 @@ fn non_finite_inputs_never_qualify_without_check_finite() {
         }
     }
 }
+
+#[test]
+fn peak_probe_measures_a_positive_rate_on_every_path() {
+    for simd in crl_core::Simd::supported() {
+        for bf16 in [false, true] {
+            let f = crl_core::peak_flops(simd, bf16, 1, 0.005).unwrap();
+            assert!(f.is_finite() && f > 1e6, "{simd:?} bf16={bf16}: {f}");
+        }
+    }
+}
