@@ -10,7 +10,7 @@ use pyo3::exceptions::{PyMemoryError, PyOverflowError, PyTypeError, PyValueError
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 
-use crl_core::{Elems, Job, Metric, Options, SearchError, Simd};
+use crl_core::{Bf16Gemm, Elems, Job, Metric, Options, SearchError, Simd};
 
 /// The elements of a C-contiguous numpy array: borrowed in place, or an aligned copy where the
 /// array's data is not aligned for its dtype (e.g. `np.frombuffer(buf, np.float32, offset=1)`).
@@ -331,7 +331,18 @@ fn make_options(
         simd: resolve_simd(simd)?,
         threads,
         check_finite,
+        bf16_gemm: bf16_gemm_policy()?,
     })
+}
+
+/// `CRL_BF16_GEMM` (auto, dot or widen): how bf16 is multiplied with many queries on the
+/// AVX512-BF16 path (crl_core::Bf16Gemm); unset = auto.
+fn bf16_gemm_policy() -> PyResult<Bf16Gemm> {
+    match std::env::var("CRL_BF16_GEMM") {
+        Ok(v) => Bf16Gemm::parse(&v)
+            .ok_or_else(|| PyValueError::new_err(format!("CRL_BF16_GEMM: expected auto, dot or widen, got {v:?}"))),
+        Err(_) => Ok(Bf16Gemm::Auto),
+    }
 }
 
 fn map_err(e: SearchError) -> PyErr {

@@ -189,6 +189,49 @@ pub struct Options {
     /// 0 = all cores.
     pub threads: usize,
     pub check_finite: bool,
+    /// How bf16 inputs are multiplied on the AVX512-BF16 path with many queries (see `Bf16Gemm`).
+    pub bf16_gemm: Bf16Gemm,
+}
+
+/// bf16 GEMM on the AVX512-BF16 path: `vdpbf16ps` on bf16 pairs, or the bank widened to fp32 as it
+/// is packed and multiplied by fp32 FMAs. Both are exact products accumulated in fp32. Which is
+/// faster depends on the CPU: on Sapphire Rapids-class Xeons `vdpbf16ps` retires half the FLOP/s of
+/// fp32 FMAs (measured: 94 against 178 GFLOP/s per thread), on Zen 4 it is the faster one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bf16Gemm {
+    /// Widen at `WIDEN_MIN_Q` queries or more when the CPU's fp32 FMAs outrun `vdpbf16ps` (a probe
+    /// of a few milliseconds, once per process); `vdpbf16ps` otherwise (with fewer queries packing
+    /// twice the bytes costs more than the multiply saves).
+    Auto,
+    DotProduct,
+    Widen,
+}
+
+/// Queries from which `Bf16Gemm::Auto` may widen (measured on a Xeon, N 65536, d 4096, 2 threads:
+/// widening is 1.4x slower at 32 queries, 1.1x slower at 64, 1.1x faster at 128, 1.25x at 256).
+pub const WIDEN_MIN_Q: usize = 128;
+
+impl Bf16Gemm {
+    pub fn parse(s: &str) -> Option<Bf16Gemm> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" | "" => Some(Bf16Gemm::Auto),
+            "dot" | "dp" | "dpbf16" => Some(Bf16Gemm::DotProduct),
+            "widen" | "fp32" => Some(Bf16Gemm::Widen),
+            _ => None,
+        }
+    }
+}
+
+/// Whether fp32 FMAs outrun `vdpbf16ps` per FLOP on this CPU (by 15%), probed once.
+pub fn widening_is_faster() -> bool {
+    static FASTER: OnceLock<bool> = OnceLock::new();
+    *FASTER.get_or_init(|| {
+        if !Simd::Avx512Bf16.is_supported() {
+            return false;
+        }
+        let (dp, fma) = (peak::one_thread(Simd::Avx512Bf16, true, 0.002), peak::one_thread(Simd::Avx512, false, 0.002));
+        fma > 1.15 * dp
+    })
 }
 
 impl Default for Options {
@@ -201,6 +244,7 @@ impl Default for Options {
             simd: Simd::best(),
             threads: 0,
             check_finite: true,
+            bf16_gemm: Bf16Gemm::Auto,
         }
     }
 }
@@ -416,7 +460,7 @@ pub(crate) struct Geometry {
 /// Up to this many queries (per job) use the streaming dot-product kernels (`lanes` = this).
 pub const DOT_MAX_Q: usize = 8;
 
-pub(crate) fn geometry(simd: Simd, bf16: bool, q: usize) -> Geometry {
+pub(crate) fn geometry(simd: Simd, bf16: bool, q: usize, policy: Bf16Gemm) -> Geometry {
     if simd != Simd::Scalar && q <= DOT_MAX_Q {
         return Geometry { lanes: DOT_MAX_Q, rows: 4, bf16_pairs: bf16 && simd == Simd::Avx512Bf16, dot: true };
     }
@@ -437,7 +481,12 @@ pub(crate) fn geometry(simd: Simd, bf16: bool, q: usize) -> Geometry {
             }
         }
     };
-    Geometry { lanes, rows, bf16_pairs: bf16 && simd == Simd::Avx512Bf16, dot: false }
+    let pairs = bf16 && simd == Simd::Avx512Bf16 && match policy {
+        Bf16Gemm::DotProduct => true,
+        Bf16Gemm::Widen => false,
+        Bf16Gemm::Auto => q < WIDEN_MIN_Q || !widening_is_faster(),
+    };
+    Geometry { lanes, rows, bf16_pairs: pairs, dot: false }
 }
 
 /// Elements per 64-byte piece of the packed layouts.
@@ -684,7 +733,7 @@ fn search_in_pool(
             }
         }
     }
-    let geoms: Vec<Geometry> = jobs.iter().map(|j| geometry(opt.simd, j.bank.is_bf16(), j.q)).collect();
+    let geoms: Vec<Geometry> = jobs.iter().map(|j| geometry(opt.simd, j.bank.is_bf16(), j.q, opt.bf16_gemm)).collect();
     let packed: Vec<Packed> = jobs
         .par_iter()
         .zip(geoms.par_iter())

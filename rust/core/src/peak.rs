@@ -19,7 +19,7 @@ pub fn peak_flops(simd: Simd, bf16: bool, threads: usize, seconds: f64) -> Resul
     Ok(flops)
 }
 
-fn one_thread(simd: Simd, bf16: bool, seconds: f64) -> f64 {
+pub(crate) fn one_thread(simd: Simd, bf16: bool, seconds: f64) -> f64 {
     let mut iters: u64 = 1 << 14;
     loop {
         let t0 = Instant::now();

@@ -401,3 +401,27 @@ fn peak_probe_measures_a_positive_rate_on_every_path() {
         }
     }
 }
+
+#[test]
+fn bf16_gemm_policies_agree_with_the_naive_search() {
+    use crl_core::Bf16Gemm;
+    if !Simd::Avx512Bf16.is_supported() {
+        return;
+    }
+    let (nq, n, d, k) = (130, 300, 72, 6); // >= WIDEN_MIN_Q queries: Auto may widen
+    let mut rng = Rng(99);
+    let q: Vec<f32> = (0..nq * d).map(|_| rng.int(-3, 3) as f32).collect();
+    let b: Vec<f32> = (0..n * d).map(|_| rng.int(-3, 3) as f32).collect();
+    let (qb, qr) = to_bf16(&q);
+    let (bb, br) = to_bf16(&b);
+    let job = Job { queries: Elems::Bf16(&qb), bank: Elems::Bf16(&bb), q: nq, n, d, query_groups: None, bank_groups: None };
+    for policy in [Bf16Gemm::Auto, Bf16Gemm::DotProduct, Bf16Gemm::Widen] {
+        let opt = Options { k, simd: Simd::Avx512Bf16, threads: 2, bf16_gemm: policy, ..Default::default() };
+        let (s, i) = search(&job, &opt).unwrap();
+        let (ns, ni) = naive(&qr, &br, nq, n, d, None, None, &opt);
+        assert_eq!(i, ni, "{policy:?}");
+        assert_eq!(s, ns, "{policy:?}");
+    }
+    assert_eq!(Bf16Gemm::parse("widen"), Some(Bf16Gemm::Widen));
+    assert_eq!(Bf16Gemm::parse("nope"), None);
+}
