@@ -57,7 +57,7 @@ def seed_summary(groups: dict[str, Sequence[Path]], model: str | None = None) ->
                 raise ConfigError(f"{path}: not found (run crl eval into {folder} first)")
             entry = _pick_model(json.loads(path.read_text()), path, model)
             seeds.append({"folder": str(folder), "rates": _rates(entry), "kl": (entry.get("kl") or {}).get("kl")})
-        metrics = sorted({m for s in seeds for m in s["rates"]})
+        metrics = list(dict.fromkeys(m for s in seeds for m in s["rates"]))  # the evaluations' own order
         mean: dict[str, Any] = {}
         for m in metrics:
             vals = [s["rates"][m][0] / s["rates"][m][1] for s in seeds if m in s["rates"] and s["rates"][m][1]]
