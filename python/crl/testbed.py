@@ -67,9 +67,9 @@ class RefuserConfig:
 
 def refuser_dir(config: RefuserConfig, cache_dir: str | Path | None = None) -> Path:
     """Where the testbed of these settings is cached: <cache>/testbeds/<model>-<hash of the settings>."""
-    import os
+    from crl.models.gguf import default_cache_dir
 
-    root = Path(cache_dir or os.environ.get("CRL_CACHE") or Path.home() / ".cache" / "crl")
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
     name = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(config.model).name)
     return root / "testbeds" / f"{name}-{config.key()}"
 

@@ -351,13 +351,14 @@ class Evaluation:
     def judged(self, results: Sequence[AttackResult], model_name: str, purpose: str) -> list[dict[str, Any]]:
         """The records of `results`, each with its judgement."""
         js = self.judge.judge([r.prompt for r in results], [r.response for r in results])
+        settings: dict[str, Any] = {}  # per attack name: the same for every record of the batch
         recs = []
         for r, j in zip(results, js):
             r.success = j.success
+            if r.attack not in settings:
+                settings[r.attack] = self.settings_for(config=self.config, model=model_name, purpose=purpose, attack=r.attack)
             recs.append({"model": model_name, "method": self.pool.methods.get(model_name, "unknown"), "purpose": purpose,
-                         **r.to_dict(), "judgement": j.to_dict(),
-                         "settings": self.settings_for(config=self.config, model=model_name, purpose=purpose, attack=r.attack),
-                         "judge": self.judge_id})
+                         **r.to_dict(), "judgement": j.to_dict(), "settings": settings[r.attack], "judge": self.judge_id})
         return recs
 
     def settings_for(self, *, config: EvalConfig, model: str, purpose: str, attack: str) -> dict[str, Any] | None:
@@ -377,15 +378,19 @@ class Evaluation:
         config's; refuse records judged with another judge unless `rejudge` (which judges them again)."""
         from crl.config import ConfigError
 
+        cache: dict[tuple[bool, str, str, str], dict[str, Any] | None] = {}  # one per group, not per record
+
+        def settings(config: EvalConfig, rec: dict[str, Any]) -> dict[str, Any] | None:
+            key = (config is self.config, rec["model"], rec.get("purpose", "attack"), rec["attack"])
+            if key not in cache:
+                cache[key] = self.settings_for(config=config, model=key[1], purpose=key[2], attack=key[3])
+            return cache[key]
+
         def expected(rec: dict[str, Any]) -> dict[str, Any] | None:
-            return self.settings_for(config=self.config, model=rec["model"], purpose=rec.get("purpose", "attack"),
-                                     attack=rec["attack"])
+            return settings(self.config, rec)
 
         def legacy(rec: dict[str, Any]) -> dict[str, Any] | None:
-            if previous is None:
-                return None
-            return self.settings_for(config=previous, model=rec["model"], purpose=rec.get("purpose", "attack"),
-                                     attack=rec["attack"])
+            return None if previous is None else settings(previous, rec)
 
         check = P.ProvenanceCheck(expected, legacy, self.judge_id,
                                   None if previous is None else P.judge_digest(previous.judge))
