@@ -123,6 +123,35 @@ def test_per_sample_attack_starts_fresh_every_call_and_stays_in_its_bound(tiny_m
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_adaptive_attack_steps_on_until_it_succeeds(tiny_model, encoded):
+    """max_steps: at least `steps`, then on while the loss is above stop_loss; the states equal those of
+    the fixed-step attack with the count it took."""
+    base, tokenizer = tiny_model
+    model = apply_lora(base, r=4, alpha=8, dropout=0.0, layers=[0, 1, 2, 3])
+    common = dict(layers=[2, 2], eps=0.5, lr=0.3, persistence="per_sample")
+    ids = [0, 1]
+    clean = _clean_ce(model, tokenizer, encoded, ids)
+    # a threshold the clean states already meet: exactly the minimum `steps`
+    easy = _refiner(model, tokenizer, encoded, steps=2, max_steps=12, stop_loss=clean + 10, **common).refine(model, ids, 0, [3])
+    assert easy.metrics["attack_steps"] == 2.0
+    # one no attack reaches: the whole budget, like the fixed 12-step attack
+    hard = _refiner(model, tokenizer, encoded, steps=2, max_steps=12, stop_loss=1e-6, **common).refine(model, ids, 0, [3])
+    fixed = _refiner(model, tokenizer, encoded, steps=12, **common).refine(model, ids, 0, [3])
+    assert hard.metrics["attack_steps"] == 12.0
+    assert "attack_steps" not in fixed.metrics
+    assert float(hard.metrics["attack_loss"]) == pytest.approx(float(fixed.metrics["attack_loss"]), rel=1e-5)
+    torch.testing.assert_close(hard.trained[3], fixed.trained[3])
+    # in between: it stops at the first step whose loss is below the threshold
+    mid_loss = (float(fixed.metrics["attack_loss_start"]) + float(fixed.metrics["attack_loss"])) / 2
+    mid = _refiner(model, tokenizer, encoded, steps=1, max_steps=12, stop_loss=mid_loss, **common).refine(model, ids, 0, [3])
+    n = int(mid.metrics["attack_steps"])
+    assert 1 <= n < 12 and float(mid.metrics["attack_loss"]) < mid_loss
+    same = _refiner(model, tokenizer, encoded, steps=n, **common).refine(model, ids, 0, [3])
+    torch.testing.assert_close(mid.trained[3], same.trained[3])
+    with pytest.raises(Exception, match="max_steps"):
+        RefinementConfig(enabled=True, steps=4, max_steps=2).validate()
+
+
 def test_schedule_is_a_function_of_the_step(tiny_model, encoded):
     base, tokenizer = tiny_model
     refiner = _refiner(base, tokenizer, encoded, layers=[1, 3], refresh_every=3, probability=0.5)

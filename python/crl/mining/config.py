@@ -85,7 +85,15 @@ class RefinementConfig:
     coordinate <= eps rms(h) (norm = linf)."""
     norm: Literal["l2", "linf"] = "l2"
     steps: int = 2
-    """Adam steps on the perturbation per refresh."""
+    """Adam steps on the perturbation per refresh (at least this many when `max_steps` is set)."""
+    max_steps: int | None = None
+    """Adaptive attack: after `steps`, keep stepping while the attack's response cross-entropy is
+    above `stop_loss`, up to this many steps in all. As the defence hardens a fixed step count stops
+    reaching harmful completions and its states stop being hard negatives (docs/hard_negatives.md);
+    this keeps the attack's strength matched to the defence. Costs one host read of the loss per
+    step past `steps`. None: exactly `steps`."""
+    stop_loss: float = 1.5
+    """With `max_steps`: the response cross-entropy below which the attack counts as succeeding."""
     refresh_every: int = 1
     """Optimizer steps between refreshes; in between, the persisted perturbation is applied as is."""
     lr: float = 0.2
@@ -128,11 +136,19 @@ class RefinementConfig:
     `steps` Adam steps at every attacked micro-batch (the attack the evaluation runs; costs `steps`
     forward and backward passes of `samples` sequences per micro-batch)."""
 
+    @property
+    def step_budget(self) -> int:
+        """The most Adam steps one attack takes."""
+        return self.steps if self.max_steps is None else self.max_steps
+
     def validate(self) -> None:
         require(len(self.layers) == 2 and 1 <= self.layers[0] <= self.layers[1], "layers",
                 "[low, high] with 1 <= low <= high", self.layers)
         require(self.eps > 0, "eps", "a number > 0", self.eps)
         require(self.steps >= 0, "steps", "an integer >= 0", self.steps)
+        require(self.max_steps is None or self.max_steps >= max(self.steps, 1), "max_steps",
+                f"unset or an integer >= steps ({self.steps}) and >= 1", self.max_steps)
+        require(self.stop_loss > 0, "stop_loss", "a number > 0", self.stop_loss)
         require(self.refresh_every >= 1, "refresh_every", "an integer >= 1", self.refresh_every)
         require(self.lr > 0, "lr", "a number > 0", self.lr)
         require(0.0 <= self.probability <= 1.0, "probability", "a number in [0, 1]", self.probability)

@@ -224,11 +224,16 @@ class AdversarialRefiner:
                     group["lr"] = cfg.lr * cfg.eps * rms
                 pert.delta.requires_grad_(True)
                 losses = []
+                n_max, adam_steps = cfg.step_budget, 0
                 with pert.install(model):
-                    for _ in range(cfg.steps):
+                    for i in range(n_max):
                         with self.amp():
                             ce = response_cross_entropy(model, batch.input_ids, attn, batch.response_mask,
                                                         targets=targets, padded=batch.padded).mean()
+                        if i >= cfg.steps and float(ce) < cfg.stop_loss:
+                            losses.append(ce.detach())
+                            break  # the adaptive attack succeeds with the current perturbation
+                        adam_steps = i + 1
                         (grad,) = torch.autograd.grad(ce, [pert.delta])
                         losses.append(ce.detach())  # read with the step's metrics, not here
                         opt.zero_grad(set_to_none=True)
@@ -240,6 +245,8 @@ class AdversarialRefiner:
                     self.last_refresh_step = step
                 values["attack_loss_start"] = losses[0]
                 values["attack_loss"] = losses[-1]
+                if cfg.max_steps is not None:
+                    values["attack_steps"] = float(adam_steps)
         finally:
             model.train(was_training)
         # The attacked states (grad to LoRA, not to the perturbation), and the clean frozen ones.
@@ -265,13 +272,13 @@ class AdversarialRefiner:
         if cfg.persistence == "per_sample":
             pert = ResidualPerturbation(layer, shape[0], shape[1], self.hidden, eps=cfg.eps, norm=cfg.norm,
                                         shape="token", mask=prompt, device=self.device)
-            return pert, pert.make_optimizer(lr=1e-3), cfg.steps > 0
+            return pert, pert.make_optimizer(lr=1e-3), cfg.step_budget > 0
         pert, opt = self.perturbations[layer], self.optimizers[layer]
         saved = pert.delta.detach().clone()
         pert.resize_(shape[0], shape[1], mask=prompt, optimizer=opt)
         with torch.no_grad():
             pert.delta.copy_(saved)  # resize_ zeroes it; the universal delta persists
-        return pert, opt, self.refresh_due(step) and cfg.steps > 0
+        return pert, opt, self.refresh_due(step) and cfg.step_budget > 0
 
     def _to_device(self, x):
         """A host tensor or batch on the device without a blocking copy (pinned on a GPU)."""
