@@ -162,6 +162,10 @@ def test_schedule_is_a_function_of_the_step(tiny_model, encoded):
     assert 60 < sum(uses) < 140 and uses == [refiner.use_at(s, 0) for s in range(200)]
     with pytest.raises(ValueError, match="refinement.layers"):
         _refiner(base, tokenizer, encoded, layers=[1, 4])  # hidden state 4 = the last: not a residual input
+    warm = _refiner(base, tokenizer, encoded, layers=[1, 3], start_step=5)
+    assert [warm.use_at(s, m) for s in range(8) for m in range(2)] == [False] * 10 + [True] * 6
+    with pytest.raises(Exception, match="start_step"):
+        RefinementConfig(enabled=True, kind="module", start_step=5).validate()
 
 
 def test_hardest_owners_ranks_within_each_pool_and_alternates():
@@ -218,6 +222,21 @@ def test_mining_and_refinement_train_and_resume_exactly(tmp_path, pools_dir, per
         _train_and_resume(tmp_path, pools_dir, persistence)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_warm_up_steps_train_without_the_attack(tmp_path, pools_dir):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = _config(pools_dir, tmp_path / "banks", **{"refinement.start_step": 2, "refinement.probability": 1.0,
+                                                          "refinement.refresh_every": 1})
+        _run(config, tmp_path / "warm")
+    finally:
+        torch.set_num_threads(threads)
+    rows = _metrics(tmp_path / "warm")
+    # steps 1-2 (optimizer steps 0-1) mine but do not attack; steps 3-4 attack every micro-batch
+    assert [("attack_loss" in m) for m in rows] == [False, False, True, True]
+    assert all("loss_harmful_mined" in m for m in rows)
 
 
 def _train_and_resume(tmp_path, pools_dir, persistence):

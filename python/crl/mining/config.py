@@ -101,6 +101,10 @@ class RefinementConfig:
     attacked tokens' clean states), so one step moves the perturbation by about lr * eps * ||h||."""
     probability: float = 1.0
     """Chance that a micro-batch gets attacked anchors."""
+    start_step: int = 0
+    """Optimizer steps of plain CRL (mining on, no attack) before the residual or embedding attack
+    starts, so the attacked states meet a defence that has already formed (0: from the first step).
+    The module keeps the reference's own schedule (`module_refresh_micro_batches`)."""
     samples: int = 2
     """Samples attacked per micro-batch (the owners of the hardest negatives)."""
     module_layers: list[int] | None = None
@@ -152,6 +156,9 @@ class RefinementConfig:
         require(self.refresh_every >= 1, "refresh_every", "an integer >= 1", self.refresh_every)
         require(self.lr > 0, "lr", "a number > 0", self.lr)
         require(0.0 <= self.probability <= 1.0, "probability", "a number in [0, 1]", self.probability)
+        require(self.start_step >= 0, "start_step", "an integer >= 0", self.start_step)
+        require(self.start_step == 0 or self.kind != "module", "start_step",
+                "0 with kind = \"module\" (the module follows module_refresh_micro_batches)", self.start_step)
         require(self.samples >= 1, "samples", "an integer >= 1", self.samples)
         if self.module_layers is not None:
             require(len(self.module_layers) == 2 and 0 <= self.module_layers[0] < self.module_layers[1], "module_layers",

@@ -172,6 +172,8 @@ class AdversarialRefiner:
         return np.random.default_rng([self.seed, *[int(k) for k in keys]])
 
     def use_at(self, step: int, micro: int) -> bool:
+        if step < self.config.start_step:
+            return False
         p = self.config.probability
         return p >= 1.0 or (p > 0.0 and self._rng(1, step, micro).random() < p)
 
