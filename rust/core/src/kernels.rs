@@ -242,7 +242,17 @@ mod x86 {
             pf.fetch(kb);
             let b = bp.add(kb * R * 16);
             let q = qp.add(kb * 16 * l);
+            // pull the next depth block's query lines (and bank lines) from L2 into L1 one block
+            // ahead, so the micro-kernel's loads hit L1 (past the end is harmless: a hint)
+            let qn = q.wrapping_add(16 * l) as *const i8;
+            let bn = b.wrapping_add(R * 16) as *const i8;
             for kk in 0..16 {
+                for v in 0..V {
+                    _mm_prefetch::<_MM_HINT_T0>(qn.wrapping_add((kk * l + v * 16) * 4));
+                }
+                if kk < R {
+                    _mm_prefetch::<_MM_HINT_T0>(bn.wrapping_add(kk * 64));
+                }
                 for v in 0..V {
                     qv[v] = _mm512_load_ps(q.add(kk * l + v * 16));
                 }

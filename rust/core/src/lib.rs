@@ -12,8 +12,10 @@
 //! 64-byte pieces `[k/16][R][16]` (computing the row norms in the same pass where the metric needs
 //! them), and then runs the register-blocked micro-kernel (`R` rows x `L` queries of accumulators,
 //! bank values broadcast from the buffer, query vectors loaded from the panel) for every query panel
-//! of the task while the micro-block is hot. So each bank row is read from memory once per query
-//! super-block (all queries unless they exceed [`SUPERBLOCK_BYTES`]). After each micro-kernel call
+//! of the task while the micro-block is hot. When the task's panels outgrow L2, up to 8 micro-blocks
+//! are packed as a group and each panel is swept across the whole group, so queries come from the
+//! last-level cache once per group. Each bank row is read from memory once per query super-block
+//! (all queries unless they exceed [`SUPERBLOCK_BYTES`]). After each micro-kernel call
 //! the `R x L` scores are filtered (group exclusion, score window) and offered to the per-query
 //! top-k heaps inside the loop. Chunks run in parallel on a rayon pool; their heaps are merged at
 //! the end.
@@ -845,10 +847,11 @@ fn run_task(t: &Task, j: &Job, pk: &Packed, g: Geometry, opt: &Options) -> TaskO
     let cap = opt.k.min(t.r1 - t.r0);
     let mut heaps: Vec<TopK> = (q0..q1).map(|_| TopK::new(cap)).collect();
     let need_norm = opt.metric != Metric::Ip;
+    let group = group_blocks(g, pk.dp, t.p1 - t.p0);
     let mut blk = Block {
-        buf_f32: kernels::AVec::zeroed(if g.bf16_pairs || g.dot { 0 } else { pk.dp * r }),
-        buf_bf16: kernels::AVec::zeroed(if g.bf16_pairs && !g.dot { pk.dp * r } else { 0 }),
-        sumsq: vec![0f32; r],
+        buf_f32: kernels::AVec::zeroed(if g.bf16_pairs || g.dot { 0 } else { group * pk.dp * r }),
+        buf_bf16: kernels::AVec::zeroed(if g.bf16_pairs && !g.dot { group * pk.dp * r } else { 0 }),
+        sumsq: vec![0f32; group * r],
     };
     let mut out = vec![0f32; r * l];
     // window in "goodness" space (higher is better): L2 goodness is -distance
@@ -857,119 +860,167 @@ fn run_task(t: &Task, j: &Job, pk: &Packed, g: Geometry, opt: &Options) -> TaskO
     } else {
         (opt.min_score, opt.max_score)
     };
-    let mut rclass = vec![FAST; r];
+    let mut rclass = vec![FAST; group * r];
+    // (first row, rows) of each micro-block of the current group
+    let mut blocks: Vec<(usize, usize)> = Vec::with_capacity(group);
+    // elements of one packed micro-block in each buffer (0 for the buffer this geometry leaves empty)
+    let bs_f32 = if blk.buf_f32.as_slice().is_empty() { 0 } else { pk.dp * r };
+    let bs_bf16 = if blk.buf_bf16.as_slice().is_empty() { 0 } else { pk.dp * r };
     let mut rb = t.r0;
     while rb < t.r1 {
-        let nrows = (t.r1 - rb).min(r);
-        if g.dot {
-            kernels::run_dot(opt.simd, g, j, rb, nrows, &mut out, &mut blk.sumsq, need_norm);
-        } else {
-            kernels::pack_block(opt.simd, g, j, rb, nrows, pk.dp, blk.buf_f32.as_mut_slice(), blk.buf_bf16.as_mut_slice(), &mut blk.sumsq, need_norm);
-        }
-        // classify the rows: fp32 norm in the safe range (fast), else recheck in float64: zero
-        // (fast), NaN/Inf (bad), tiny or huge (slow: float64 per pair). Ip needs no norms; its rows
-        // are examined only when a score is non-finite.
-        for rr in 0..nrows {
-            rclass[rr] = FAST;
-            if !need_norm {
-                continue;
-            }
-            let bn = blk.sumsq[rr];
-            if bn >= SAFE_LO && bn <= SAFE_HI {
-                continue;
-            }
-            let row = rb + rr;
-            let s64 = sumsq64(j.bank, j.d, row);
-            if !s64.is_finite() {
-                if opt.check_finite {
-                    return TaskOut { heaps, err: Some(SearchError::NonFinite("bank", t.job, row)) };
-                }
-                rclass[rr] = BAD;
-            } else if s64 == 0.0 {
-                blk.sumsq[rr] = 0.0;
+        blocks.clear();
+        let mut gb = rb;
+        while blocks.len() < group && gb < t.r1 {
+            let bi = blocks.len();
+            let nrows = (t.r1 - gb).min(r);
+            let sumsq = &mut blk.sumsq[bi * r..(bi + 1) * r];
+            if g.dot {
+                kernels::run_dot(opt.simd, g, j, gb, nrows, &mut out, sumsq, need_norm);
             } else {
-                rclass[rr] = SLOW;
+                let bf = &mut blk.buf_f32.as_mut_slice()[bi * bs_f32..(bi + 1) * bs_f32];
+                let bb = &mut blk.buf_bf16.as_mut_slice()[bi * bs_bf16..(bi + 1) * bs_bf16];
+                kernels::pack_block(opt.simd, g, j, gb, nrows, pk.dp, bf, bb, sumsq, need_norm);
             }
-        }
-        for p in t.p0..t.p1 {
-            if !g.dot {
-                // prefetch the next micro-block while the first panel runs
-                let next = rb + nrows;
-                let pf = if p == t.p0 && next < t.r1 { Some((j, next, (t.r1 - next).min(r))) } else { None };
-                kernels::run_kernel(opt.simd, g, pk, p, blk.buf_f32.as_slice(), blk.buf_bf16.as_slice(), &mut out, pf);
-            }
-            let pq0 = p * l;
-            let lanes_valid = (j.q - pq0).min(l);
-            let panel_special = pk.panel_special[p];
-            'rows: for rr in 0..nrows {
-                if rclass[rr] == BAD {
+            let rclass = &mut rclass[bi * r..(bi + 1) * r];
+            let rb = gb;
+            // classify the rows: fp32 norm in the safe range (fast), else recheck in float64: zero
+            // (fast), NaN/Inf (bad), tiny or huge (slow: float64 per pair). Ip needs no norms; its rows
+            // are examined only when a score is non-finite.
+            for rr in 0..nrows {
+                rclass[rr] = FAST;
+                if !need_norm {
+                    continue;
+                }
+                let bn = sumsq[rr];
+                if bn >= SAFE_LO && bn <= SAFE_HI {
                     continue;
                 }
                 let row = rb + rr;
-                let row_slow = rclass[rr] == SLOW;
-                let bn = blk.sumsq[rr];
-                let binv = if bn > 0.0 { 1.0 / bn.sqrt() } else { 0.0 };
-                let bg = j.bank_groups.map(|bg| bg[row]);
-                let maybe_special = row_slow || panel_special;
-                let orow = &out[rr * l..rr * l + lanes_valid];
-                // the lane loop, specialised on whether any pair of this row and panel may need the
-                // float64 path (tiny/huge norms; non-finite fp32 scores are checked in both)
-                macro_rules! lanes {
-                    ($special:expr) => {
-                        for (lane, &raw) in orow.iter().enumerate() {
-                            let qi = pq0 + lane;
-                            let fast = raw.is_finite() && !($special && (row_slow || pk.qclass[qi] != FAST));
-                            let gval = if fast {
-                                match opt.metric {
-                                    Metric::Ip => raw,
-                                    Metric::Cosine => raw * pk.qnorm[qi] * binv,
-                                    Metric::L2 => {
-                                        // clamp rounding below zero
-                                        let dist = pk.qnorm[qi] - 2.0 * raw + bn;
-                                        -(if dist < 0.0 { 0.0 } else { dist })
-                                    }
-                                }
-                            } else {
-                                // rare: a tiny/huge norm, or a non-finite fp32 score (NaN/Inf
-                                // input, or an fp32 overflow of finite values): float64
-                                if pk.qclass[qi] == BAD {
-                                    continue; // non-finite queries never qualify (check_finite off)
-                                }
-                                match slow_score(j, t.job, qi, row, opt.metric, opt.check_finite) {
-                                    Slow::Score(v) => v,
-                                    Slow::Skip => continue,
-                                    Slow::BadRow => {
-                                        if opt.check_finite {
-                                            return TaskOut { heaps, err: Some(SearchError::NonFinite("bank", t.job, row)) };
-                                        }
-                                        rclass[rr] = BAD; // non-finite rows never qualify
-                                        continue 'rows;
-                                    }
-                                    Slow::Err(e) => return TaskOut { heaps, err: Some(e) },
-                                }
-                            };
-                            let h = &mut heaps[qi - q0];
-                            if gval > h.threshold() && gval >= gmin && gval <= gmax {
-                                if let (Some(bgv), Some(qg)) = (bg, j.query_groups) {
-                                    if qg[qi] == bgv {
-                                        continue;
-                                    }
-                                }
-                                h.push(gval, row as i64);
-                            }
-                        }
-                    };
-                }
-                if maybe_special {
-                    lanes!(true);
+                let s64 = sumsq64(j.bank, j.d, row);
+                if !s64.is_finite() {
+                    if opt.check_finite {
+                        return TaskOut { heaps, err: Some(SearchError::NonFinite("bank", t.job, row)) };
+                    }
+                    rclass[rr] = BAD;
+                } else if s64 == 0.0 {
+                    sumsq[rr] = 0.0;
                 } else {
-                    lanes!(false);
+                    rclass[rr] = SLOW;
+                }
+            }
+            blocks.push((gb, nrows));
+            gb += nrows;
+            if g.dot {
+                break; // the streaming kernel's scores are in `out`: filter them now
+            }
+        }
+        let next_group = gb;
+        for p in t.p0..t.p1 {
+            for (bi, &(rb, nrows)) in blocks.iter().enumerate() {
+                let rclass = &mut rclass[bi * r..(bi + 1) * r];
+                let sumsq = &blk.sumsq[bi * r..(bi + 1) * r];
+                if !g.dot {
+                    // while the last panel runs, prefetch the next group's bank rows (block bi's share)
+                    let next = next_group + bi * r;
+                    let pf = if p + 1 == t.p1 && next < t.r1 { Some((j, next, (t.r1 - next).min(r))) } else { None };
+                    let bf = &blk.buf_f32.as_slice()[bi * bs_f32..(bi + 1) * bs_f32];
+                    let bb = &blk.buf_bf16.as_slice()[bi * bs_bf16..(bi + 1) * bs_bf16];
+                    kernels::run_kernel(opt.simd, g, pk, p, bf, bb, &mut out, pf);
+                }
+                let pq0 = p * l;
+                let lanes_valid = (j.q - pq0).min(l);
+                let panel_special = pk.panel_special[p];
+                'rows: for rr in 0..nrows {
+                    if rclass[rr] == BAD {
+                        continue;
+                    }
+                    let row = rb + rr;
+                    let row_slow = rclass[rr] == SLOW;
+                    let bn = sumsq[rr];
+                    let binv = if bn > 0.0 { 1.0 / bn.sqrt() } else { 0.0 };
+                    let bg = j.bank_groups.map(|bg| bg[row]);
+                    let maybe_special = row_slow || panel_special;
+                    let orow = &out[rr * l..rr * l + lanes_valid];
+                    // the lane loop, specialised on whether any pair of this row and panel may need the
+                    // float64 path (tiny/huge norms; non-finite fp32 scores are checked in both)
+                    macro_rules! lanes {
+                        ($special:expr) => {
+                            for (lane, &raw) in orow.iter().enumerate() {
+                                let qi = pq0 + lane;
+                                let fast = raw.is_finite() && !($special && (row_slow || pk.qclass[qi] != FAST));
+                                let gval = if fast {
+                                    match opt.metric {
+                                        Metric::Ip => raw,
+                                        Metric::Cosine => raw * pk.qnorm[qi] * binv,
+                                        Metric::L2 => {
+                                            // clamp rounding below zero
+                                            let dist = pk.qnorm[qi] - 2.0 * raw + bn;
+                                            -(if dist < 0.0 { 0.0 } else { dist })
+                                        }
+                                    }
+                                } else {
+                                    // rare: a tiny/huge norm, or a non-finite fp32 score (NaN/Inf
+                                    // input, or an fp32 overflow of finite values): float64
+                                    if pk.qclass[qi] == BAD {
+                                        continue; // non-finite queries never qualify (check_finite off)
+                                    }
+                                    match slow_score(j, t.job, qi, row, opt.metric, opt.check_finite) {
+                                        Slow::Score(v) => v,
+                                        Slow::Skip => continue,
+                                        Slow::BadRow => {
+                                            if opt.check_finite {
+                                                return TaskOut { heaps, err: Some(SearchError::NonFinite("bank", t.job, row)) };
+                                            }
+                                            rclass[rr] = BAD; // non-finite rows never qualify
+                                            continue 'rows;
+                                        }
+                                        Slow::Err(e) => return TaskOut { heaps, err: Some(e) },
+                                    }
+                                };
+                                let h = &mut heaps[qi - q0];
+                                if gval > h.threshold() && gval >= gmin && gval <= gmax {
+                                    if let (Some(bgv), Some(qg)) = (bg, j.query_groups) {
+                                        if qg[qi] == bgv {
+                                            continue;
+                                        }
+                                    }
+                                    h.push(gval, row as i64);
+                                }
+                            }
+                        };
+                    }
+                    if maybe_special {
+                        lanes!(true);
+                    } else {
+                        lanes!(false);
+                    }
                 }
             }
         }
-        rb += nrows;
+        rb = next_group;
     }
     TaskOut { heaps, err: None }
+}
+
+/// Bytes of packed bank kept per group of micro-blocks: with the query panel (at most 512 KiB at
+/// d = 4096, fp32) this stays inside a 2 MiB L2.
+const GROUP_BYTES: usize = 768 << 10;
+
+/// Query panels up to this many bytes in all stay in L2 across micro-blocks by themselves.
+const L2_QUERY_BYTES: usize = 1 << 20;
+
+/// Micro-blocks packed together and swept against each query panel in turn, so that a panel is
+/// read from the last-level cache once per group rather than once per micro-block (up to 8x less
+/// traffic of queries at large Q: +15% at Q = 1024, d = 2048 on a 2 MiB-L2 Xeon). Queries that fit
+/// in L2 anyway, and the streaming kernels, keep one block: a group would only crowd L2 (-10% at
+/// Q = 64, d = 4096).
+fn group_blocks(g: Geometry, dp: usize, panels: usize) -> usize {
+    let elem = if g.bf16_pairs { 2 } else { 4 };
+    if g.dot || panels * dp * g.lanes * elem <= L2_QUERY_BYTES {
+        return 1;
+    }
+    let block_bytes = (g.rows * dp * elem).max(1);
+    (GROUP_BYTES / block_bytes).clamp(1, 8)
 }
 
 /// Convenience: a single job, results as vectors `[q * k]`.

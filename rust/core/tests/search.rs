@@ -138,6 +138,21 @@ fn exact_integer_data_all_paths() {
 }
 
 #[test]
+fn grouped_micro_blocks_exact() {
+    // queries beyond L2 (80 x 7000: 2.2 MB fp32, 1.1 MB bf16) make the search pack groups of bank
+    // micro-blocks and sweep each query panel across a group; tails of groups and of blocks included
+    let mut seed = 3000;
+    for simd in paths() {
+        for metric in [Metric::Ip, Metric::L2] {
+            for bf16 in [false, true] {
+                check_case(seed, 80, 250, 7000, 6, metric, true, seed % 2 == 0, None, bf16, simd, 2);
+                seed += 1;
+            }
+        }
+    }
+}
+
+#[test]
 fn windows_exact() {
     let mut seed = 1000;
     for simd in paths() {
