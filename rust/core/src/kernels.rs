@@ -83,9 +83,12 @@ fn pack_generic(
                     let sp: &[u16; 16] = row[kb * 16..kb * 16 + 16].try_into().unwrap();
                     let dst: &mut [f32; 16] = (&mut buf_f32[(kb * r + rr) * 16..(kb * r + rr) * 16 + 16]).try_into().unwrap();
                     for t in 0..16 {
-                        let v = f32::from_bits((sp[t] as u32) << 16);
-                        dst[t] = v;
-                        acc[t] += v * v;
+                        dst[t] = f32::from_bits((sp[t] as u32) << 16);
+                    }
+                    if need_norm {
+                        for t in 0..16 {
+                            acc[t] += dst[t] * dst[t];
+                        }
                     }
                 }
                 if full * 16 < d {
