@@ -48,3 +48,15 @@ def test_cli(tmp_path, capsys):
     assert crl_main(["eval-summary", f"a={a[0]},{a[1]}", "--output", str(out)]) == 0
     assert "| a | 2 |" in capsys.readouterr().out and json.loads(out.read_text())["a"]["seeds"]
     assert crl_main(["eval-summary", "bad"]) == 2
+
+
+def test_one_seed_in_parts(tmp_path):
+    first = _report(tmp_path / "p0", 2, 5, 0.1)
+    later = tmp_path / "p1"
+    later.mkdir()
+    (later / "report.json").write_text(json.dumps({"models": {"crl": {"attacks": {"embedding": {"successes": 3, "n": 20}}}}}))
+    summary = seed_summary({"a": [f"{first}+{later}"]})["a"]
+    assert summary["seeds"][0]["rates"] == {"direct": (2, 10), "latent": (4, 20), "over_refusal": (5, 50), "embedding": (3, 20)}
+    assert summary["summary"]["embedding"]["mean"] == pytest.approx(0.15) and summary["summary"]["kl"]["mean"] == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match="'direct' is also in an earlier folder"):
+        seed_summary({"a": [f"{first}+{first}"]})

@@ -7,7 +7,10 @@ One seed is an anecdote; `crl eval-summary` puts the seeds of each setting side 
                      module=runs/eval-module-s0,... --output results/seeds.json
 
 Each folder is a `crl eval` output (report.json). A folder may hold several models; `--model NAME`
-picks one by name (default: the only adapter in the folder, else "base" when it is alone).
+picks one by name (default: the only adapter in the folder, else "base" when it is alone). One seed
+may span several evaluations of the same adapter (attacks added later): join them with `+`
+(`none=eval-s0+eval-emb-s0,...`); an attack in more than one of them is an error, the KL comes from
+the first that has one.
 """
 
 from __future__ import annotations
@@ -46,17 +49,30 @@ def _rates(entry: dict[str, Any]) -> dict[str, tuple[int, int]]:
     return out
 
 
+def _seed(folder: Path | str, model: str | None) -> dict[str, Any]:
+    """One seed's rates and KL from one folder, or from several joined by `+`."""
+    rates: dict[str, tuple[int, int]] = {}
+    kl = None
+    for part in str(folder).split("+"):
+        path = Path(part) / "report.json"
+        if not path.is_file():
+            raise ConfigError(f"{path}: not found (run crl eval into {part} first)")
+        entry = _pick_model(json.loads(path.read_text()), path, model)
+        for metric, value in _rates(entry).items():
+            if metric in rates:
+                raise ConfigError(f"{path}: {metric!r} is also in an earlier folder of the seed {folder}; "
+                                  "join evaluations that measured different things")
+            rates[metric] = value
+        if kl is None:
+            kl = (entry.get("kl") or {}).get("kl")
+    return {"folder": str(folder), "rates": rates, "kl": kl}
+
+
 def seed_summary(groups: dict[str, Sequence[Path]], model: str | None = None) -> dict[str, Any]:
     """{setting: {"seeds": [...per folder...], "mean": {metric: {...}}}} from the folders' report.json."""
     out: dict[str, Any] = {}
     for name, folders in groups.items():
-        seeds = []
-        for folder in folders:
-            path = Path(folder) / "report.json"
-            if not path.is_file():
-                raise ConfigError(f"{path}: not found (run crl eval into {folder} first)")
-            entry = _pick_model(json.loads(path.read_text()), path, model)
-            seeds.append({"folder": str(folder), "rates": _rates(entry), "kl": (entry.get("kl") or {}).get("kl")})
+        seeds = [_seed(folder, model) for folder in folders]
         metrics = list(dict.fromkeys(m for s in seeds for m in s["rates"]))  # the evaluations' own order
         mean: dict[str, Any] = {}
         for m in metrics:
@@ -92,7 +108,8 @@ def seed_table(summary: dict[str, Any]) -> str:
 
 
 def add_summary_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("groups", nargs="+", metavar="NAME=DIR[,DIR...]", help="a setting and its seeds' eval folders")
+    parser.add_argument("groups", nargs="+", metavar="NAME=DIR[,DIR...]",
+                        help="a setting and its seeds' eval folders (DIR+DIR: one seed evaluated in parts)")
     parser.add_argument("--model", default=None, help="the model to read in each folder (default: its only adapter)")
     parser.add_argument("--output", type=Path, default=None, help="also write the summary as JSON here")
 
