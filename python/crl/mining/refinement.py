@@ -225,19 +225,18 @@ class AdversarialRefiner:
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * cfg.eps * rms
                 pert.delta.requires_grad_(True)
-                losses = []
-                n_max, adam_steps = cfg.step_budget, 0
+                losses = []  # read with the step's metrics, not here
+                adam_steps = 0
                 with pert.install(model):
-                    for i in range(n_max):
+                    for i in range(cfg.step_budget):
                         with self.amp():
                             ce = response_cross_entropy(model, batch.input_ids, attn, batch.response_mask,
                                                         targets=targets, padded=batch.padded).mean()
+                        losses.append(ce.detach())
                         if i >= cfg.steps and float(ce) < cfg.stop_loss:
-                            losses.append(ce.detach())
                             break  # the adaptive attack succeeds with the current perturbation
                         adam_steps = i + 1
                         (grad,) = torch.autograd.grad(ce, [pert.delta])
-                        losses.append(ce.detach())  # read with the step's metrics, not here
                         opt.zero_grad(set_to_none=True)
                         pert.delta.grad = grad
                         opt.step()
