@@ -6,7 +6,7 @@
 //!
 //! A kernel computes `out[r * L + lane] = sum_c block[r][c] * panel[c][lane]` for the `R x L` tile.
 
-use crate::{Elems, Geometry, Job, Packed, Simd, PIECE_BF16, PIECE_F32};
+use crate::{Elems, Geometry, Job, Metric, Packed, Simd, PIECE_BF16, PIECE_F32};
 
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
@@ -207,6 +207,7 @@ fn kernel_scalar(bp: &[f32], qp: &[f32], dp: usize, out: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use crate::Metric;
     use std::arch::x86_64::*;
 
     /// Software prefetch (into L2) of the next bank micro-block, one 64-byte line per row per
@@ -233,6 +234,29 @@ mod x86 {
                 }
             }
         }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn candidates512(raw: *const f32, l: usize, thr: *const f32, qn: *const f32, metric: Metric,
+                                binv: f32, bn: f32) -> u64 {
+        let mut mask = 0u64;
+        for v in 0..l / 16 {
+            let x = _mm512_loadu_ps(raw.add(16 * v));
+            let g = match metric {
+                Metric::Ip => x,
+                Metric::Cosine => _mm512_mul_ps(_mm512_mul_ps(x, _mm512_loadu_ps(qn.add(16 * v))), _mm512_set1_ps(binv)),
+                Metric::L2 => {
+                    let dist = _mm512_add_ps(_mm512_sub_ps(_mm512_loadu_ps(qn.add(16 * v)), _mm512_mul_ps(_mm512_set1_ps(2.0), x)),
+                                             _mm512_set1_ps(bn));
+                    _mm512_sub_ps(_mm512_setzero_ps(), _mm512_max_ps(dist, _mm512_setzero_ps()))
+                }
+            };
+            let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(g, _mm512_loadu_ps(thr.add(16 * v)));
+            let d = _mm512_sub_ps(x, x); // NaN exactly where x is not finite
+            let odd = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(d, d);
+            mask |= ((keep | odd) as u64) << (16 * v);
+        }
+        mask
     }
 
     /// AVX-512 fp32: R rows x V zmm of queries.
@@ -668,4 +692,33 @@ pub(crate) fn run_dot(simd: Simd, g: Geometry, j: &Job, rb: usize, nrows: usize,
         let _ = (simd, g, j, rb, nrows, out, sumsq, need_norm);
         unreachable!("streaming path needs x86_64");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// the fused top-k's first check, vectorised
+
+/// Whether [`candidate_lanes`] runs vector code on this path (AVX-512).
+pub(crate) fn has_candidate_filter(simd: Simd) -> bool {
+    matches!(simd, Simd::Avx512 | Simd::Avx512Bf16)
+}
+
+/// Lanes of one tile row (`raw`: a panel's raw scores) that may enter their heap: the metric's score
+/// is at least the heap's threshold, or the raw score is not finite (the scalar path recomputes
+/// those). `>=` rather than the heap's `>`, computed with the scalar path's operations in the same
+/// order: a superset of the lanes the exact check keeps, which then decides.
+pub(crate) fn candidate_lanes(simd: Simd, raw: &[f32], thr: &[f32], qnorm: Option<&[f32]>, metric: Metric, binv: f32,
+                              bn: f32) -> u64 {
+    let l = raw.len();
+    assert!(thr.len() == l && l % 16 == 0 && l <= 64 && qnorm.map_or(metric == Metric::Ip, |q| q.len() == l));
+    match simd {
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 | Simd::Avx512Bf16 => unsafe {
+            x86::candidates512(raw.as_ptr(), l, thr.as_ptr(), qnorm.map_or(std::ptr::null(), |q| q.as_ptr()), metric, binv, bn)
+        },
+        _ => lane_mask_all(l),
+    }
+}
+
+fn lane_mask_all(l: usize) -> u64 {
+    if l >= 64 { u64::MAX } else { (1u64 << l) - 1 }
 }

@@ -846,6 +846,20 @@ fn run_task(t: &Task, j: &Job, pk: &Packed, g: Geometry, opt: &Options) -> TaskO
     // a task sees r1 - r0 bank rows, so it never holds more entries than that (k may be huge)
     let cap = opt.k.min(t.r1 - t.r0);
     let mut heaps: Vec<TopK> = (q0..q1).map(|_| TopK::new(cap)).collect();
+    // Per lane of the task's panels: the heap's threshold (+inf past the last query) and the query's
+    // norm term, so that a vector compare can skip the lanes no score of a tile row can enter.
+    let simd_filter = kernels::has_candidate_filter(opt.simd) && !g.dot;
+    let task_lanes = (t.p1 - t.p0) * l;
+    let mut thr = vec![f32::INFINITY; if simd_filter { task_lanes } else { 0 }];
+    let mut qn_pad = vec![0f32; if simd_filter && opt.metric != Metric::Ip { task_lanes } else { 0 }];
+    if simd_filter {
+        for qi in q0..q1 {
+            thr[qi - q0] = f32::NEG_INFINITY;
+            if opt.metric != Metric::Ip {
+                qn_pad[qi - q0] = pk.qnorm[qi];
+            }
+        }
+    }
     let need_norm = opt.metric != Metric::Ip;
     let group = group_blocks(g, pk.dp, t.p1 - t.p0);
     let mut blk = Block {
@@ -944,8 +958,9 @@ fn run_task(t: &Task, j: &Job, pk: &Packed, g: Geometry, opt: &Options) -> TaskO
                     // the lane loop, specialised on whether any pair of this row and panel may need the
                     // float64 path (tiny/huge norms; non-finite fp32 scores are checked in both)
                     macro_rules! lanes {
-                        ($special:expr) => {
-                            for (lane, &raw) in orow.iter().enumerate() {
+                        ($special:expr, $lanes:expr) => {
+                            for lane in $lanes {
+                                let raw = orow[lane];
                                 let qi = pq0 + lane;
                                 let fast = raw.is_finite() && !($special && (row_slow || pk.qclass[qi] != FAST));
                                 let gval = if fast {
@@ -985,14 +1000,24 @@ fn run_task(t: &Task, j: &Job, pk: &Packed, g: Geometry, opt: &Options) -> TaskO
                                         }
                                     }
                                     h.push(gval, row as i64);
+                                    if simd_filter {
+                                        thr[qi - q0] = h.threshold();
+                                    }
                                 }
                             }
                         };
                     }
                     if maybe_special {
-                        lanes!(true);
+                        lanes!(true, 0..lanes_valid);
+                    } else if simd_filter {
+                        // only the lanes whose score may reach the heap (or is non-finite) go on
+                        let at = (p - t.p0) * l;
+                        let qn = if qn_pad.is_empty() { None } else { Some(&qn_pad[at..at + l]) };
+                        let mask = kernels::candidate_lanes(opt.simd, &out[rr * l..rr * l + l], &thr[at..at + l], qn,
+                                                            opt.metric, binv, bn);
+                        lanes!(false, BitLanes(mask & lane_mask(lanes_valid)));
                     } else {
-                        lanes!(false);
+                        lanes!(false, 0..lanes_valid);
                     }
                 }
             }
@@ -1000,6 +1025,27 @@ fn run_task(t: &Task, j: &Job, pk: &Packed, g: Geometry, opt: &Options) -> TaskO
         rb = next_group;
     }
     TaskOut { heaps, err: None }
+}
+
+/// The set lanes of a mask, lowest first.
+struct BitLanes(u64);
+
+impl Iterator for BitLanes {
+    type Item = usize;
+    #[inline(always)]
+    fn next(&mut self) -> Option<usize> {
+        if self.0 == 0 {
+            return None;
+        }
+        let lane = self.0.trailing_zeros() as usize;
+        self.0 &= self.0 - 1;
+        Some(lane)
+    }
+}
+
+#[inline(always)]
+fn lane_mask(lanes: usize) -> u64 {
+    if lanes >= 64 { u64::MAX } else { (1u64 << lanes) - 1 }
 }
 
 /// Bytes of packed bank kept per group of micro-blocks: with the query panel (at most 512 KiB at
