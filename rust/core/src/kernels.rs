@@ -715,10 +715,6 @@ pub(crate) fn candidate_lanes(simd: Simd, raw: &[f32], thr: &[f32], qnorm: Optio
         Simd::Avx512 | Simd::Avx512Bf16 => unsafe {
             x86::candidates512(raw.as_ptr(), l, thr.as_ptr(), qnorm.map_or(std::ptr::null(), |q| q.as_ptr()), metric, binv, bn)
         },
-        _ => lane_mask_all(l),
+        _ => crate::lane_mask(l),
     }
-}
-
-fn lane_mask_all(l: usize) -> u64 {
-    if l >= 64 { u64::MAX } else { (1u64 << l) - 1 }
 }

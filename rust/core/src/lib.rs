@@ -862,9 +862,12 @@ fn run_task(t: &Task, j: &Job, pk: &Packed, g: Geometry, opt: &Options) -> TaskO
     }
     let need_norm = opt.metric != Metric::Ip;
     let group = group_blocks(g, pk.dp, t.p1 - t.p0);
+    // elements of one packed micro-block in each buffer (0 for the one this geometry does not use)
+    let bs_f32 = if g.bf16_pairs || g.dot { 0 } else { pk.dp * r };
+    let bs_bf16 = if g.bf16_pairs && !g.dot { pk.dp * r } else { 0 };
     let mut blk = Block {
-        buf_f32: kernels::AVec::zeroed(if g.bf16_pairs || g.dot { 0 } else { group * pk.dp * r }),
-        buf_bf16: kernels::AVec::zeroed(if g.bf16_pairs && !g.dot { group * pk.dp * r } else { 0 }),
+        buf_f32: kernels::AVec::zeroed(group * bs_f32),
+        buf_bf16: kernels::AVec::zeroed(group * bs_bf16),
         sumsq: vec![0f32; group * r],
     };
     let mut out = vec![0f32; r * l];
@@ -877,9 +880,6 @@ fn run_task(t: &Task, j: &Job, pk: &Packed, g: Geometry, opt: &Options) -> TaskO
     let mut rclass = vec![FAST; group * r];
     // (first row, rows) of each micro-block of the current group
     let mut blocks: Vec<(usize, usize)> = Vec::with_capacity(group);
-    // elements of one packed micro-block in each buffer (0 for the buffer this geometry leaves empty)
-    let bs_f32 = if blk.buf_f32.as_slice().is_empty() { 0 } else { pk.dp * r };
-    let bs_bf16 = if blk.buf_bf16.as_slice().is_empty() { 0 } else { pk.dp * r };
     let mut rb = t.r0;
     while rb < t.r1 {
         blocks.clear();
@@ -1043,8 +1043,9 @@ impl Iterator for BitLanes {
     }
 }
 
+/// The lowest `lanes` bits set.
 #[inline(always)]
-fn lane_mask(lanes: usize) -> u64 {
+pub(crate) fn lane_mask(lanes: usize) -> u64 {
     if lanes >= 64 { u64::MAX } else { (1u64 << lanes) - 1 }
 }
 
