@@ -1,4 +1,5 @@
-//! Single-process micro-benchmark of the core: `cargo run --release --example bench -- Q N D THREADS [simd] [bf16]`
+//! Single-process micro-benchmark of the core: `cargo run --release --example bench -- Q N D THREADS [simd] [bf16] [reps]`
+//! (`CRL_BF16_GEMM=dot|widen` forces the bf16 GEMM, as in the extension)
 use crl_core::*;
 use std::time::Instant;
 
@@ -51,7 +52,8 @@ fn main() {
         bank: if bf16 { Elems::Bf16(&bb) } else { Elems::F32(&bv) },
         q, n, d, query_groups: None, bank_groups: None,
     };
-    let opt = Options { k: 10, simd, threads, ..Default::default() };
+    let bf16_gemm = std::env::var("CRL_BF16_GEMM").ok().and_then(|v| Bf16Gemm::parse(&v)).unwrap_or(Bf16Gemm::Auto);
+    let opt = Options { k: 10, simd, threads, bf16_gemm, ..Default::default() };
     let mut best = f64::MAX;
     for _ in 0..reps {
         let t = Instant::now();

@@ -209,9 +209,12 @@ pub enum Bf16Gemm {
     Widen,
 }
 
-/// Queries from which `Bf16Gemm::Auto` may widen (measured on a Xeon, N 65536, d 4096, 2 threads:
-/// widening is 1.4x slower at 32 queries, 1.1x slower at 64, 1.1x faster at 128, 1.25x at 256).
-pub const WIDEN_MIN_Q: usize = 128;
+/// Queries from which `Bf16Gemm::Auto` may widen: every query count past the streaming kernels
+/// (`DOT_MAX_Q`). Measured on a Xeon (N 65536, d 4096, 2 threads) with the AVX-512 packer, widening
+/// is 1.26x faster than `vdpbf16ps` at 9 queries, 1.4x at 12 and 16, 1.6x at 32, 1.8x at 64 and 128.
+/// (With the compiler's packer it was slower below 128 queries: the packing cost more than the
+/// multiply saved.)
+pub const WIDEN_MIN_Q: usize = DOT_MAX_Q + 1;
 
 impl Bf16Gemm {
     pub fn parse(s: &str) -> Option<Bf16Gemm> {

@@ -153,6 +153,26 @@ fn grouped_micro_blocks_exact() {
 }
 
 #[test]
+fn packer_piece_tails_exact() {
+    // the AVX-512 packer (fp32 copied, bf16 widened) at depths around its 16-element pieces, partial
+    // micro-blocks (n not a multiple of the rows) and the row norms L2 needs; 9 and 16 queries are
+    // the smallest that pack (the streaming kernels take up to 8)
+    let mut seed = 7000;
+    for simd in paths() {
+        for &d in &[1, 15, 16, 17, 47, 130] {
+            for nq in [9, 16, 33] {
+                for metric in [Metric::Ip, Metric::L2] {
+                    for bf16 in [false, true] {
+                        check_case(seed, nq, 61, d, 5, metric, true, false, None, bf16, simd, 2);
+                        seed += 1;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn windows_exact() {
     let mut seed = 1000;
     for simd in paths() {
@@ -423,7 +443,7 @@ fn bf16_gemm_policies_agree_with_the_naive_search() {
     if !Simd::Avx512Bf16.is_supported() {
         return;
     }
-    let (nq, n, d, k) = (130, 300, 72, 6); // >= WIDEN_MIN_Q queries: Auto may widen
+    let (nq, n, d, k) = (130, 300, 72, 6); // >= WIDEN_MIN_Q queries, several panels: Auto may widen
     let mut rng = Rng(99);
     let q: Vec<f32> = (0..nq * d).map(|_| rng.int(-3, 3) as f32).collect();
     let b: Vec<f32> = (0..n * d).map(|_| rng.int(-3, 3) as f32).collect();
