@@ -34,9 +34,10 @@ raises ``ValueError`` starting with ``queries`` or ``bank``, whichever has the l
 ``check_finite`` (without it, such a score never qualifies).
 
 fp32 results equal a brute-force search up to summation-order rounding. bf16 inputs are multiplied
-exactly and accumulated in fp32 (``vdpbf16ps`` on the ``avx512bf16`` path, widening to fp32
-elsewhere), so they equal a brute force over the same bf16 values up to summation-order rounding
-(the ``avx512bf16`` path treats bf16 subnormals as zero, as the instruction does).
+exactly and accumulated in fp32 (``vdpbf16ps`` on the ``avx512bf16`` path up to 8 queries, and
+beyond where the CPU's fp32 FMAs are not faster; widening to fp32 otherwise), so they equal a brute
+force over the same bf16 values up to summation-order rounding (``vdpbf16ps`` treats bf16
+subnormals as zero, as the instruction does).
 
 Filters run inside the search loop, before the top-k: with ``query_groups`` [Q] and ``bank_groups``
 [N] (int64, given together), bank rows whose group equals the query's group are skipped (exclude the
