@@ -158,50 +158,37 @@ unsafe fn pack_avx512(
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 unsafe fn pack_f32_avx512(src: Elems, d: usize, rb: usize, nrows: usize, r: usize, bf: &mut [f32], ss: &mut [f32], nn: bool) {
     use std::arch::x86_64::*;
+    // one accumulator per row: every AVX-512 geometry has at most 16 rows
+    let mut acc = [_mm512_setzero_ps(); 16];
     let dp = d.div_ceil(PIECE_F32) * PIECE_F32;
-    assert!(bf.len() >= dp * r && ss.len() >= nrows && nrows <= r);
-    match src {
-        Elems::F32(s) => assert!(s.len() >= (rb + nrows) * d),
-        Elems::Bf16(s) => assert!(s.len() >= (rb + nrows) * d),
-    }
+    assert!(bf.len() >= dp * r && ss.len() >= nrows && nrows <= r && nrows <= acc.len());
+    assert!(src.len() >= (rb + nrows) * d);
     let full = d / PIECE_F32;
     let tail = d - full * PIECE_F32;
     let dst = bf.as_mut_ptr();
-    #[inline(always)]
-    unsafe fn piece(src: Elems, at: usize, n: usize) -> __m512 {
-        // n < 16: the row's last piece, zero past its end
-        let m = if n >= 16 { 0xffffu16 } else { ((1u32 << n) - 1) as u16 };
-        match src {
-            Elems::F32(s) => _mm512_maskz_loadu_ps(m, s.as_ptr().add(at)),
-            Elems::Bf16(s) => {
-                let h = _mm256_maskz_loadu_epi16(m, s.as_ptr().add(at) as *const i16);
-                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
-            }
-        }
-    }
-    let mut acc = [_mm512_setzero_ps(); 32];
-    let accumulate = nn && nrows <= acc.len();
     for kb in 0..full + (tail > 0) as usize {
         let n = if kb < full { PIECE_F32 } else { tail };
+        // n < 16: the row's last piece, zero past its end
+        let m = if n >= 16 { 0xffffu16 } else { ((1u32 << n) - 1) as u16 };
         for rr in 0..nrows {
-            let v = piece(src, (rb + rr) * d + kb * PIECE_F32, n);
+            let at = (rb + rr) * d + kb * PIECE_F32;
+            let v = match src {
+                Elems::F32(s) => _mm512_maskz_loadu_ps(m, s.as_ptr().add(at)),
+                Elems::Bf16(s) => dot::widen512(m, s.as_ptr().add(at)),
+            };
             _mm512_store_ps(dst.add((kb * r + rr) * PIECE_F32), v);
-            if accumulate {
+            if nn {
                 acc[rr] = _mm512_add_ps(acc[rr], _mm512_mul_ps(v, v));
             }
         }
     }
     for rr in 0..nrows {
         ss[rr] = 0.0;
-        if accumulate {
+        if nn {
             let mut lanes = [0f32; 16];
             _mm512_storeu_ps(lanes.as_mut_ptr(), acc[rr]);
             ss[rr] = lanes.iter().sum();
         }
-    }
-    if nn && !accumulate {
-        // more rows than accumulators (no geometry has that): the generic version
-        pack_generic(src, d, rb, nrows, r, false, bf, &mut [], ss, nn);
     }
 }
 
@@ -534,8 +521,9 @@ mod dot {
         }
     }
 
+    /// The `m` lanes of 16 bf16 at `p`, widened to fp32 (zero elsewhere).
     #[inline(always)]
-    unsafe fn widen512(m: __mmask16, p: *const u16) -> __m512 {
+    pub(crate) unsafe fn widen512(m: __mmask16, p: *const u16) -> __m512 {
         let h = _mm256_maskz_loadu_epi16(m, p as *const i16);
         _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
     }
