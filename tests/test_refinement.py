@@ -95,6 +95,32 @@ def test_state_persists_across_refreshes_and_round_trips(tiny_model, encoded):
     assert int(other.optimizers[1].state[other.perturbations[1].delta]["step"]) == 4
 
 
+def test_universal_installed_adds_the_delta_to_prompt_tokens_only(tiny_model, encoded):
+    from crl.models import capture_hidden_states
+
+    base, tokenizer = tiny_model
+    model = apply_lora(base, r=4, alpha=8, dropout=0.0, layers=[0, 1, 2, 3])
+    refiner = _refiner(model, tokenizer, encoded, layers=[2, 2], steps=3, eps=0.5, lr=0.3)
+    refiner.refine(model, [0, 1], step=0, layers=[3])
+    delta = refiner.perturbations[2].delta.detach().clone()
+    assert float(delta.norm()) > 0
+    batch = collate([encoded[i] for i in (2, 3)], tokenizer.pad_token_id)
+    with torch.no_grad():
+        clean = capture_hidden_states(model, batch.input_ids, batch.attention_mask, [2])[2].float()
+        with refiner.universal_installed(model, batch, step=0):
+            moved = capture_hidden_states(model, batch.input_ids, batch.attention_mask, [2])[2].float()
+    prompt = batch.attention_mask.bool() & ~batch.response_mask
+    # hand-computed: h + delta on the prompt tokens, h elsewhere
+    expected = clean + delta.reshape(1, 1, -1) * prompt.unsqueeze(-1)
+    assert torch.allclose(moved, expected, atol=1e-4)
+    assert not torch.allclose(moved[prompt], clean[prompt], atol=1e-3)
+    # the refiner's own perturbation is untouched, and nothing stays installed
+    assert torch.equal(refiner.perturbations[2].delta.detach(), delta)
+    with torch.no_grad():
+        after = capture_hidden_states(model, batch.input_ids, batch.attention_mask, [2])[2].float()
+    assert torch.equal(after, clean)
+
+
 def test_per_sample_attack_starts_fresh_every_call_and_stays_in_its_bound(tiny_model, encoded):
     base, tokenizer = tiny_model
     model = apply_lora(base, r=4, alpha=8, dropout=0.0, layers=[0, 1, 2, 3])
@@ -266,3 +292,39 @@ def _train_and_resume(tmp_path, pools_dir, persistence):
     assert torch.equal(straight.miner.queue.vectors, resumed.miner.queue.vectors)
     for layer, pert in straight.refiner.perturbations.items():
         assert torch.allclose(pert.delta, resumed.refiner.perturbations[layer].delta, atol=1e-6)
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_benign_invariance_term_joins_the_loss(tmp_path, pools_dir, steps):
+    """With the perturbation at zero (no Adam steps) the perturbed benign term equals the clean one
+    exactly; with an attack it differs; either way the loss is the sum of its logged terms."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = _config(pools_dir, tmp_path / "banks", **{
+            "refinement.benign_invariance": 0.5, "refinement.probability": 1.0, "refinement.refresh_every": 1,
+            "refinement.steps": steps, "refinement.eps": 0.5, "lora.dropout": 0.0, "optim.max_steps": 2})
+        _run(config, tmp_path / "inv")
+    finally:
+        torch.set_num_threads(threads)
+    rows = _metrics(tmp_path / "inv")
+    assert len(rows) == 2
+    for m in rows:
+        if steps == 0:
+            assert m["loss_benign_perturbed"] == pytest.approx(m["loss_benign"], rel=1e-5, abs=1e-7)
+            assert m["loss_benign_perturbed_mined"] == pytest.approx(m["loss_benign_mined"], rel=1e-5, abs=1e-7)
+        w = 1.0  # mining.weight
+        expected = (m["coef_benign"] * (m["loss_benign"] + w * m["loss_benign_mined"])
+                    + m["coef_benign"] * 0.5 * (m["loss_benign_perturbed"] + w * m["loss_benign_perturbed_mined"])
+                    + m["coef_harmful"] * (m["loss_harmful"] + w * m["loss_harmful_mined"])
+                    + m["coef_kl"] * m["loss_kl"])
+        assert m["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    if steps > 0:
+        assert any(abs(m["loss_benign_perturbed"] - m["loss_benign"]) > 1e-6 for m in rows)
+
+
+def test_benign_invariance_needs_a_universal_perturbation():
+    with pytest.raises(ValueError, match="benign_invariance"):
+        RefinementConfig(enabled=True, persistence="per_sample", benign_invariance=1.0).validate()
+    with pytest.raises(ValueError, match="benign_invariance"):
+        RefinementConfig(enabled=True, benign_invariance=-1.0).validate()

@@ -124,6 +124,15 @@ class CRLMethod(Method):
                 self._negatives(mined, "benign", frame.select(benign_idx)), tb_s.shape[1], benign_total, metrics,
             )
             loss = loss + alpha * loss_b
+            invariance = self._benign_invariance_weight(mined)
+            if invariance > 0:
+                perturbed_s = frame.apply(self._perturbed_benign_states(states))
+                loss_p = self._pool_loss(
+                    "benign", take_layers(perturbed_s, benign_idx), take_layers(fb_s, benign_idx),
+                    take_layers(centroid, benign_idx), self._negatives(mined, "benign", frame.select(benign_idx)),
+                    perturbed_s.shape[1], benign_total, metrics, label="benign_perturbed",
+                )
+                loss = loss + alpha * invariance * loss_p
         if harmful_total > 0:
             loss_h = self._pool_loss(
                 "harmful", take_layers(th_s, target_idx), take_layers(fh_s, target_idx), take_layers(centroid, target_idx),
@@ -132,6 +141,24 @@ class CRLMethod(Method):
             loss = loss + beta * loss_h
         metrics.update(coef_benign=alpha, coef_harmful=beta)
         return loss
+
+    def _benign_invariance_weight(self, mined: MinedBatch | None) -> float:
+        """`refinement.benign_invariance` on micro-batches the refiner attacked (0 otherwise)."""
+        refiner = self.mining.refiner if self.mining is not None else None
+        if mined is None or not mined.refined or refiner is None:
+            return 0.0
+        return float(refiner.config.benign_invariance)
+
+    def _perturbed_benign_states(self, states: StepStates) -> torch.Tensor:
+        """The benign rows' trained states [L, R_b, d] with the refiner's universal perturbation on
+        their prompt tokens (grad to LoRA). The benign samples are the contrast batch's first rows, so
+        the benign row indices select the same tokens in the benign sub-batch."""
+        contrast, nb = states.batches.contrast, states.num_benign
+        benign = Batch(contrast.input_ids[:nb], contrast.attention_mask[:nb], contrast.request_mask[:nb],
+                       contrast.response_mask[:nb], padded=contrast.padded)
+        with self.mining.refiner.universal_installed(states.model, benign, states.batches.step):
+            hidden = states.trained_pass(benign)
+        return self.context.select(hidden, states.rows.benign, states.layers).states
 
     def _adversary_states(self, states: StepStates, metrics: dict[str, Any]) -> torch.Tensor | None:
         """The harmful rows' trained states [L, R_h, d] through the attacked model when the adversary's
@@ -175,23 +202,25 @@ class CRLMethod(Method):
 
     def _pool_loss(self, pool: str, anchors: torch.Tensor, frozen: torch.Tensor, centroid: torch.Tensor,
                    mined_negatives: tuple[torch.Tensor, torch.Tensor] | None, local_rows: int, total_rows: int,
-                   metrics: dict[str, Any]) -> torch.Tensor:
-        """One pool's triplet loss: against the batch's negatives, the mined ones, or both."""
+                   metrics: dict[str, Any], label: str | None = None) -> torch.Tensor:
+        """One pool's triplet loss: against the batch's negatives, the mined ones, or both. `label`:
+        the metrics' name for the term (default: the pool's)."""
+        label = label or pool
         loss = None
         if mined_negatives is None or self.mined_terms != "replace":
             out = self.context.share(self._triplet(pool, anchors, frozen, centroid), local_rows, total_rows)
             loss = out.loss
             metrics.update({
-                f"loss_{pool}": out.loss.detach(), f"active_{pool}": out.active_fraction.detach(),
-                f"{pool}_d_pos": out.mean_positive_distance.detach(), f"{pool}_d_neg": out.mean_negative_distance.detach(),
+                f"loss_{label}": out.loss.detach(), f"active_{label}": out.active_fraction.detach(),
+                f"{label}_d_pos": out.mean_positive_distance.detach(), f"{label}_d_neg": out.mean_negative_distance.detach(),
             })
         if mined_negatives is not None:
             weight = 1.0 if self.mined_terms == "replace" else self.mined_weight
             out = self.context.share(self._triplet(pool, anchors, frozen, centroid, *mined_negatives), local_rows, total_rows)
             loss = weight * out.loss if loss is None else loss + weight * out.loss
             metrics.update({
-                f"loss_{pool}_mined": out.loss.detach(), f"active_{pool}_mined": out.active_fraction.detach(),
-                f"{pool}_d_neg_mined": out.mean_negative_distance.detach(),
+                f"loss_{label}_mined": out.loss.detach(), f"active_{label}_mined": out.active_fraction.detach(),
+                f"{label}_d_neg_mined": out.mean_negative_distance.detach(),
             })
         assert loss is not None
         return loss

@@ -139,6 +139,13 @@ class RefinementConfig:
     perturbation). `per_sample`: a fresh per-token perturbation for each attacked sample, from zero,
     `steps` Adam steps at every attacked micro-batch (the attack the evaluation runs; costs `steps`
     forward and backward passes of `samples` sequences per micro-batch)."""
+    benign_invariance: float = 0.0
+    """Weight (relative to the benign term's) of a second benign triplet term whose anchors are the
+    micro-batch's benign samples with the universal perturbation added to their prompt tokens
+    (positive: their clean frozen states; negatives: the centroid and mined ones, as the clean benign
+    term). A benign state moved by the attack's direction must stay benign, so the direction itself
+    cannot become what the defence keys on. Runs on micro-batches that are attacked; universal
+    persistence only (a per-sample perturbation belongs to its sample). 0: off."""
 
     @property
     def step_budget(self) -> int:
@@ -160,6 +167,10 @@ class RefinementConfig:
         require(self.start_step == 0 or self.kind != "module", "start_step",
                 "0 with kind = \"module\" (the module follows module_refresh_micro_batches)", self.start_step)
         require(self.samples >= 1, "samples", "an integer >= 1", self.samples)
+        require(self.benign_invariance >= 0, "benign_invariance", "a number >= 0", self.benign_invariance)
+        require(self.benign_invariance == 0 or (self.persistence == "universal" and self.kind != "module"),
+                "benign_invariance", '0 unless persistence = "universal" and kind is "residual" or "embedding"',
+                self.benign_invariance)
         if self.module_layers is not None:
             require(len(self.module_layers) == 2 and 0 <= self.module_layers[0] < self.module_layers[1], "module_layers",
                     "[low, high) decoder layers with 0 <= low < high", self.module_layers)

@@ -32,15 +32,15 @@ in every checkpoint (`state_dict`), so a resumed run continues exactly.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from crl.attacks.latent import ResidualPerturbation
-from crl.data import collate
+from crl.data import Batch, collate
 from crl.losses.objectives import RowIndex
 from crl.models import capture_hidden_states, hidden_size, num_hidden_layers, unwrap_model
 from crl.mining.config import RefinementConfig
@@ -264,6 +264,24 @@ class AdversarialRefiner:
         values["seconds_refinement"] = time.perf_counter() - t0
         ids = torch.as_tensor(list(sample_ids), dtype=torch.int64)
         return Refined(trained, frozen, selection, ids, values, rows)
+
+    @contextmanager
+    def universal_installed(self, model: torch.nn.Module, batch: Batch, step: int) -> Iterator[None]:
+        """While inside, `model` gets a copy of this step's universal perturbation (as last projected,
+        onto the attacked batch's bound) on the prompt tokens of `batch`, without gradient: the pass
+        of `benign_invariance`. Call after `refine` at the same step."""
+        if self.config.persistence != "universal":
+            raise ValueError("refinement.benign_invariance: needs persistence = 'universal'")
+        layer = self.layer_at(step)
+        batch_size, seq_len = batch.input_ids.shape
+        prompt = batch.attention_mask.bool() & ~batch.response_mask.bool()
+        pert = ResidualPerturbation(layer, batch_size, seq_len, self.hidden, eps=self.config.eps, norm=self.config.norm,
+                                    shape="universal", mask=prompt, device=self.device)
+        with torch.no_grad():
+            pert.delta.copy_(self.perturbations[layer].delta.detach())
+        pert.delta.requires_grad_(False)
+        with pert.install(model):
+            yield
 
     def _perturbation(self, layer: int, shape: Sequence[int], prompt: torch.Tensor, step: int):
         """(perturbation, its optimizer, whether to attack now) for a batch of `shape` [B, T]: a fresh

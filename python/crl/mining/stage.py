@@ -63,6 +63,8 @@ class MinedBatch:
     unused_attacked: dict[int, torch.Tensor] | None = None
     """Several processes, other than the main one: the attacked states this process computed but
     does not use; they join the loss with weight 0 so that every process runs the same backward."""
+    refined: bool = False
+    """Whether the refiner attacked at this micro-batch (on every process alike)."""
 
 
 def per_sample_negatives(mined: Mined, row_sample: torch.Tensor, frame: LayerFrame,
@@ -163,6 +165,7 @@ class MiningStage:
         # Every rank runs the same attack (so that the persistent perturbation stays identical), but
         # only the main rank's loss uses the attacked anchors (counted once, as in one process).
         refined = refiner.refine(model, owners, batches.step, self.layers)
+        out.refined = True
         out.attacked_rows = refined.rows.count
         if self.dist is not None and not self.dist.is_main:
             out.unused_attacked = refined.trained
