@@ -200,15 +200,18 @@ def test_two_processes_match_one_and_resume(tmp_path: Path, pools_dir: Path) -> 
 
 
 @pytest.mark.slow
-def test_two_processes_with_mining_and_refinement(tmp_path: Path, pools_dir: Path) -> None:
+@pytest.mark.parametrize("benign_perturbation", ["shared", "refusal"])
+def test_two_processes_with_mining_and_refinement(tmp_path: Path, pools_dir: Path, benign_perturbation: str) -> None:
     """Mining (shared queue) and refinement (global hardest owners, with the benign-invariance term on
-    each rank's benign rows) run under 2 processes and give the single-process losses."""
+    each rank's benign rows; its refusal perturbation attacked on the global benign batch) run under
+    2 processes and give the single-process losses."""
     extra = ["mining.enabled=true", "mining.backend=\"native\"", f'mining.cache_dir="{tmp_path / "banks"}"',
-             "refinement.enabled=true", "refinement.layers=[1,2]", "refinement.benign_invariance=0.5"]
+             "refinement.enabled=true", "refinement.layers=[1,2]", "refinement.benign_invariance=0.5",
+             f'refinement.benign_perturbation="{benign_perturbation}"']
     run_one_process(pools_dir, tmp_path / "one", extra)
     run_two_processes(pools_dir, tmp_path / "two", extra=extra)
     keys = KEYS + ("loss_benign_mined", "loss_harmful_mined", "mined_sim_benign", "mined_sim_harmful", "attack_loss",
-                   "loss_benign_perturbed", "loss_benign_perturbed_mined")
+                   "loss_benign_perturbed", "loss_benign_perturbed_mined", "benign_attack_loss")
     one = metrics(tmp_path / "one")
     assert all("loss_benign_perturbed" in m for m in one)
     assert_same_trajectory(one, metrics(tmp_path / "two"), keys)

@@ -294,8 +294,8 @@ def _train_and_resume(tmp_path, pools_dir, persistence):
         assert torch.allclose(pert.delta, resumed.refiner.perturbations[layer].delta, atol=1e-6)
 
 
-@pytest.mark.parametrize("steps", [0, 2])
-def test_benign_invariance_term_joins_the_loss(tmp_path, pools_dir, steps):
+@pytest.mark.parametrize("steps,perturbation", [(0, "shared"), (2, "shared"), (0, "refusal"), (2, "refusal")])
+def test_benign_invariance_term_joins_the_loss(tmp_path, pools_dir, steps, perturbation):
     """With the perturbation at zero (no Adam steps) the perturbed benign term equals the clean one
     exactly; with an attack it differs; either way the loss is the sum of its logged terms."""
     threads = torch.get_num_threads()
@@ -303,12 +303,16 @@ def test_benign_invariance_term_joins_the_loss(tmp_path, pools_dir, steps):
     try:
         config = _config(pools_dir, tmp_path / "banks", **{
             "refinement.benign_invariance": 0.5, "refinement.probability": 1.0, "refinement.refresh_every": 1,
-            "refinement.steps": steps, "refinement.eps": 0.5, "lora.dropout": 0.0, "optim.max_steps": 2})
+            "refinement.steps": steps, "refinement.eps": 0.5, "lora.dropout": 0.0, "optim.max_steps": 2,
+            "refinement.benign_perturbation": perturbation})
         _run(config, tmp_path / "inv")
     finally:
         torch.set_num_threads(threads)
     rows = _metrics(tmp_path / "inv")
     assert len(rows) == 2
+    if perturbation == "refusal" and steps > 0:
+        # the benign attack ran at every step and lowered the refusal's cross-entropy
+        assert all(m["benign_attack_loss"] < m["benign_attack_loss_start"] for m in rows)
     for m in rows:
         if steps == 0:
             assert m["loss_benign_perturbed"] == pytest.approx(m["loss_benign"], rel=1e-5, abs=1e-7)
@@ -328,3 +332,59 @@ def test_benign_invariance_needs_a_universal_perturbation():
         RefinementConfig(enabled=True, persistence="per_sample", benign_invariance=1.0).validate()
     with pytest.raises(ValueError, match="benign_invariance"):
         RefinementConfig(enabled=True, benign_invariance=-1.0).validate()
+
+
+def test_refusal_perturbation_raises_the_refusal_likelihood_inside_its_bound(tiny_model, tiny_tokenizer):
+    from crl.mining.refinement import with_response_tokens
+
+    base, tokenizer = tiny_model
+    model = apply_lora(base, r=4, alpha=8, dropout=0.0, layers=[0, 1, 2, 3])
+    refusal = tokenizer("I'm sorry, but I can't help with that.", add_special_tokens=False)["input_ids"]
+    benign = [with_response_tokens(encode_example(tokenizer, ex.with_response("Sure."), max_length=192), refusal)
+              for ex in load_demo("benign", "train")[:4]]
+    # the prompt is kept token for token and the refusal is the whole response
+    assert benign[0].input_ids[benign[0].prompt_length:] == refusal and sum(benign[0].response_mask) == len(refusal)
+    config = RefinementConfig(enabled=True, layers=[2, 2], eps=0.5, steps=12, lr=0.3, benign_invariance=1.0,
+                              benign_perturbation="refusal")
+    config.validate()
+    refiner = AdversarialRefiner(config, model, benign, tokenizer.pad_token_id,
+                                 lambda b: token_selection(b, "response", 16), seed=0, benign_examples=benign)
+    ids = [0, 1, 2]
+    clean = _clean_ce(model, tokenizer, benign, ids)
+    values = refiner.refine_benign(model, ids, step=0)
+    assert float(values["benign_attack_loss"]) < float(values["benign_attack_loss_start"])
+    pert = refiner.benign_perturbations[2]
+    with pert.install(model):
+        attacked = _clean_ce(model, tokenizer, benign, ids)
+    assert attacked < clean - 0.05, (clean, attacked)
+    assert float(pert.relative_norm().max()) <= 0.5 * (1 + 1e-4)
+    assert all(p.grad is None for p in model.parameters())
+    assert float(refiner.perturbations[2].delta.detach().abs().max()) == 0.0  # the harmful one untouched
+    assert refiner.refine_benign(model, ids, step=0) == {}  # one refresh per step
+    # checkpoint round trip
+    other = AdversarialRefiner(config, model, benign, tokenizer.pad_token_id,
+                               lambda b: token_selection(b, "response", 16), seed=0, benign_examples=benign)
+    other.load_state_dict(refiner.state_dict())
+    assert torch.equal(other.benign_perturbations[2].delta, pert.delta) and other.last_benign_refresh_step == 0
+
+
+def test_refusal_benign_perturbation_trains_and_resumes_exactly(tmp_path, pools_dir):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = _config(pools_dir, tmp_path / "banks", **{"refinement.benign_invariance": 1.0,
+                                                          "refinement.benign_perturbation": "refusal"})
+        straight = _run(config, tmp_path / "straight")
+        _run(config, tmp_path / "split", max_steps=2)
+        resumed = _run(config, tmp_path / "split", resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    a, b = _metrics(tmp_path / "straight"), _metrics(tmp_path / "split")
+    assert any("benign_attack_loss" in m for m in a)
+    for x, y in zip(a, b):
+        for key in ("loss", "loss_benign_perturbed", "benign_attack_loss", "grad_norm"):
+            assert (key in x) == (key in y), (x["step"], key)
+            if key in x:
+                assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (x["step"], key)
+    for layer, pert in straight.refiner.benign_perturbations.items():
+        assert torch.allclose(pert.delta, resumed.refiner.benign_perturbations[layer].delta, atol=1e-6)

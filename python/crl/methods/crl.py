@@ -126,7 +126,7 @@ class CRLMethod(Method):
             loss = loss + alpha * loss_b
             invariance = self._benign_invariance_weight(mined)
             if invariance > 0:
-                perturbed_s = frame.apply(self._perturbed_benign_states(states))
+                perturbed_s = frame.apply(self._perturbed_benign_states(states, metrics))
                 loss_p = self._pool_loss(
                     "benign", take_layers(perturbed_s, benign_idx), take_layers(fb_s, benign_idx),
                     take_layers(centroid, benign_idx), self._negatives(mined, "benign", frame.select(benign_idx)),
@@ -149,14 +149,20 @@ class CRLMethod(Method):
             return 0.0
         return float(refiner.config.benign_invariance)
 
-    def _perturbed_benign_states(self, states: StepStates) -> torch.Tensor:
+    def _perturbed_benign_states(self, states: StepStates, metrics: dict[str, Any]) -> torch.Tensor:
         """The benign rows' trained states [L, R_b, d] with the refiner's universal perturbation on
         their prompt tokens (grad to LoRA). The benign samples are the contrast batch's first rows, so
         the benign row indices select the same tokens in the benign sub-batch."""
-        contrast, nb = states.batches.contrast, states.num_benign
+        contrast, nb, batches = states.batches.contrast, states.num_benign, states.batches
+        refiner = self.mining.refiner
+        if refiner.benign_perturbations:  # benign_perturbation = "refusal": refresh it on this batch first
+            ids = (batches.benign_ids if batches.benign_ids is not None else torch.arange(nb)).tolist()
+            if self.context.dist is not None:  # the global batch's ids: every rank runs the same attack
+                ids = [i for part in self.context.dist.all_gather_object(ids) for i in part]
+            metrics.update(refiner.refine_benign(states.model, ids, batches.step))
         benign = Batch(contrast.input_ids[:nb], contrast.attention_mask[:nb], contrast.request_mask[:nb],
                        contrast.response_mask[:nb], padded=contrast.padded)
-        with self.mining.refiner.universal_installed(states.model, benign, states.batches.step):
+        with refiner.universal_installed(states.model, benign, batches.step):
             hidden = states.trained_pass(benign)
         return self.context.select(hidden, states.rows.benign, states.layers).states
 

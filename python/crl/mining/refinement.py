@@ -41,6 +41,7 @@ import torch
 
 from crl.attacks.latent import ResidualPerturbation
 from crl.data import Batch, collate
+from crl.data.encoding import EncodedExample
 from crl.losses.objectives import RowIndex
 from crl.models import capture_hidden_states, hidden_size, num_hidden_layers, unwrap_model
 from crl.mining.config import RefinementConfig
@@ -142,9 +143,12 @@ class AdversarialRefiner:
         seed: int = 0,
         device: torch.device | str = "cpu",
         amp: Callable[[], Any] | None = None,
+        benign_examples: Sequence[Any] | None = None,
     ) -> None:
         self.config = config
         self.examples = examples
+        self.benign_examples = benign_examples
+        """Benign-pool samples with `refusal_text` as their response (`benign_perturbation = "refusal"`)."""
         self.pad_token_id = pad_token_id
         self.select_tokens = select_tokens
         self.seed = int(seed)
@@ -165,6 +169,17 @@ class AdversarialRefiner:
         }
         self.optimizers = {l: p.make_optimizer(lr=1e-3) for l, p in self.perturbations.items()}
         self.last_refresh_step = -1
+        self.benign_perturbations: dict[int, ResidualPerturbation] = {}
+        self.benign_optimizers: dict[int, torch.optim.Optimizer] = {}
+        if config.benign_invariance > 0 and config.benign_perturbation == "refusal":
+            if benign_examples is None:
+                raise ValueError('refinement.benign_perturbation = "refusal" needs the benign samples (benign_examples)')
+            self.benign_perturbations = {
+                l: ResidualPerturbation(l, 1, 1, d, eps=config.eps, norm=config.norm, shape="universal", device=self.device)
+                for l in self.layers
+            }
+            self.benign_optimizers = {l: p.make_optimizer(lr=1e-3) for l, p in self.benign_perturbations.items()}
+        self.last_benign_refresh_step = -1
 
     # --- the schedule (pure functions of the step) -------------------------------------------------
 
@@ -265,20 +280,79 @@ class AdversarialRefiner:
         ids = torch.as_tensor(list(sample_ids), dtype=torch.int64)
         return Refined(trained, frozen, selection, ids, values, rows)
 
+    def refine_benign(self, model: torch.nn.Module, sample_ids: Sequence[int], step: int) -> dict[str, Any]:
+        """`benign_perturbation = "refusal"`: when a refresh is due, `steps` Adam steps on the benign
+        universal perturbation of this step's layer, lowering the cross-entropy of `refusal_text` after
+        the prompts of benign-pool samples `sample_ids` under the defended model (eval mode; gradient to
+        the perturbation only). Under several processes every rank passes the same (global) ids, so the
+        perturbation stays identical. Returns the attack's metrics ({} when no refresh is due)."""
+        cfg = self.config
+        if not self.benign_perturbations or cfg.steps == 0 or not self.refresh_due_benign(step):
+            return {}
+        assert self.benign_examples is not None
+        host = collate([self.benign_examples[i] for i in sample_ids], self.pad_token_id)
+        host_prompt = host.attention_mask.bool() & ~host.response_mask
+        pred_rows, pred_tokens = response_targets(host.input_ids, host.response_mask)
+        batch = self._to_device(host)
+        prompt = self._to_device(host_prompt)
+        prompt_rows = RowIndex.from_mask(host_prompt).to(self.device, non_blocking=True)
+        targets = (pred_rows.to(self.device, non_blocking=True), self._to_device(pred_tokens))
+        layer = self.layer_at(step)
+        pert, opt = self.benign_perturbations[layer], self.benign_optimizers[layer]
+        saved = pert.delta.detach().clone()
+        pert.resize_(batch.input_ids.shape[0], batch.input_ids.shape[1], mask=prompt, optimizer=opt)
+        with torch.no_grad():
+            pert.delta.copy_(saved)
+        losses = []
+        was_training = model.training
+        try:
+            model.train(False)
+            with torch.no_grad(), self.amp():
+                clean = capture_hidden_states(model, batch.input_ids, batch.attention_mask, [layer],
+                                              padded=batch.padded)[layer].float()
+            clean_norm = clean.norm(dim=-1)
+            pert.project_(clean_norm)
+            rms = float(clean_norm.reshape(-1).index_select(0, prompt_rows.flat).mean()) / pert.hidden**0.5
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * cfg.eps * rms
+            pert.delta.requires_grad_(True)
+            with pert.install(model):
+                for _ in range(cfg.steps):
+                    with self.amp():
+                        ce = response_cross_entropy(model, batch.input_ids, batch.attention_mask, batch.response_mask,
+                                                    targets=targets, padded=batch.padded).mean()
+                    losses.append(ce.detach())
+                    (grad,) = torch.autograd.grad(ce, [pert.delta])
+                    opt.zero_grad(set_to_none=True)
+                    pert.delta.grad = grad
+                    opt.step()
+                    pert.delta.grad = None
+                    pert.project_(clean_norm)
+        finally:
+            model.train(was_training)
+            pert.delta.requires_grad_(False)
+        self.last_benign_refresh_step = step
+        return {"benign_attack_loss_start": losses[0], "benign_attack_loss": losses[-1]}
+
+    def refresh_due_benign(self, step: int) -> bool:
+        return step % self.config.refresh_every == 0 and step != self.last_benign_refresh_step
+
     @contextmanager
     def universal_installed(self, model: torch.nn.Module, batch: Batch, step: int) -> Iterator[None]:
         """While inside, `model` gets a copy of this step's universal perturbation (as last projected,
         onto the attacked batch's bound) on the prompt tokens of `batch`, without gradient: the pass
-        of `benign_invariance`. Call after `refine` at the same step."""
+        of `benign_invariance`. The harmful attack's perturbation (`benign_perturbation = "shared"`,
+        call after `refine` at the same step) or the benign one (`"refusal"`, after `refine_benign`)."""
         if self.config.persistence != "universal":
             raise ValueError("refinement.benign_invariance: needs persistence = 'universal'")
         layer = self.layer_at(step)
+        source = self.benign_perturbations or self.perturbations
         batch_size, seq_len = batch.input_ids.shape
         prompt = batch.attention_mask.bool() & ~batch.response_mask.bool()
         pert = ResidualPerturbation(layer, batch_size, seq_len, self.hidden, eps=self.config.eps, norm=self.config.norm,
                                     shape="universal", mask=prompt, device=self.device)
         with torch.no_grad():
-            pert.delta.copy_(self.perturbations[layer].delta.detach())
+            pert.delta.copy_(source[layer].delta.detach())
         pert.delta.requires_grad_(False)
         with pert.install(model):
             yield
@@ -308,13 +382,20 @@ class AdversarialRefiner:
     # --- checkpointing -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "last_refresh_step": self.last_refresh_step,
             "layers": {
                 l: {"delta": self.perturbations[l].delta.detach().clone(), "optimizer": self.optimizers[l].state_dict()}
                 for l in self.layers
             },
         }
+        if self.benign_perturbations:
+            state["last_benign_refresh_step"] = self.last_benign_refresh_step
+            state["benign_layers"] = {
+                l: {"delta": p.delta.detach().clone(), "optimizer": self.benign_optimizers[l].state_dict()}
+                for l, p in self.benign_perturbations.items()
+            }
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_refresh_step = int(state["last_refresh_step"])
@@ -328,6 +409,29 @@ class AdversarialRefiner:
             opt = pert.make_optimizer(lr=1e-3)
             opt.load_state_dict(entry["optimizer"])
             self.optimizers[l] = opt
+        if self.benign_perturbations:
+            if "benign_layers" not in state:
+                raise ValueError('refinement state has no benign perturbation (benign_perturbation = "refusal")')
+            self.last_benign_refresh_step = int(state["last_benign_refresh_step"])
+            for l, entry in state["benign_layers"].items():
+                pert = self.benign_perturbations[int(l)]
+                with torch.no_grad():
+                    pert.delta.data = entry["delta"].to(self.device, torch.float32).clone()
+                opt = pert.make_optimizer(lr=1e-3)
+                opt.load_state_dict(entry["optimizer"])
+                self.benign_optimizers[int(l)] = opt
 
 
-__all__ = ["AdversarialRefiner", "Refined", "hardest_owners", "response_cross_entropy", "response_targets"]
+def with_response_tokens(example: EncodedExample, response_ids: Sequence[int]) -> EncodedExample:
+    """`example`'s prompt (everything before its response) followed by `response_ids` as the response."""
+    n = example.prompt_length
+    ids = list(response_ids)
+    return EncodedExample(
+        input_ids=list(example.input_ids[:n]) + ids, request_mask=list(example.request_mask[:n]) + [False] * len(ids),
+        response_mask=[False] * n + [True] * len(ids), prompt_length=n, example_id=example.example_id,
+        index=example.index,
+    )
+
+
+__all__ = ["AdversarialRefiner", "Refined", "hardest_owners", "response_cross_entropy", "response_targets",
+           "with_response_tokens"]

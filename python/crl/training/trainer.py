@@ -462,9 +462,16 @@ class Trainer:
 
         device = self.accelerator.device
         amp = (lambda: torch.autocast(device_type="cuda", dtype=torch.bfloat16)) if device.type == "cuda" else None
+        rcfg = self.config.refinement
+        benign = None
+        if rcfg.benign_invariance > 0 and rcfg.benign_perturbation == "refusal":
+            from crl.mining.refinement import with_response_tokens
+
+            refusal = self.tokenizer(rcfg.refusal_text, add_special_tokens=False)["input_ids"]
+            benign = [with_response_tokens(e, refusal) for e in self.streams["benign"].encoded]
         return AdversarialRefiner(
-            self.config.refinement, model, self.streams["harmful"].encoded, self.tokenizer.pad_token_id,
-            self._select_tokens, seed=self.config.run.seed, device=device, amp=amp,
+            rcfg, model, self.streams["harmful"].encoded, self.tokenizer.pad_token_id,
+            self._select_tokens, seed=self.config.run.seed, device=device, amp=amp, benign_examples=benign,
         )
 
     def _build_adversary(self, model: torch.nn.Module):
