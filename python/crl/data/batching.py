@@ -56,6 +56,12 @@ class Batch:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def rows(self, rows: slice) -> Batch:
+        """The sequences `rows` of the batch at its padded width (e.g. the benign or the harmful part
+        of a contrast batch; its `padded` flag is kept as a safe over-estimate)."""
+        return Batch(self.input_ids[rows], self.attention_mask[rows], self.request_mask[rows],
+                     self.response_mask[rows], padded=self.padded)
+
 
 def collate(
     encoded: Sequence[EncodedExample], pad_token_id: int, *, indices: Sequence[int] | None = None

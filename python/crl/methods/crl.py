@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from crl.config import Schedule, require
-from crl.data import Batch
 from crl.losses.distances import DISTANCES
 from crl.losses.objectives import LayerFrame, RowIndex, crl_benign_triplet, crl_harmful_triplet, take_layers
 from crl.losses.triplet import TripletOutput
@@ -160,8 +159,7 @@ class CRLMethod(Method):
             if self.context.dist is not None:  # the global batch's ids: every rank runs the same attack
                 ids = [i for part in self.context.dist.all_gather_object(ids) for i in part]
             metrics.update(refiner.refine_benign(states.model, ids, batches.step))
-        benign = Batch(contrast.input_ids[:nb], contrast.attention_mask[:nb], contrast.request_mask[:nb],
-                       contrast.response_mask[:nb], padded=contrast.padded)
+        benign = contrast.rows(slice(0, nb))
         with refiner.universal_installed(states.model, benign, batches.step):
             hidden = states.trained_pass(benign)
         return self.context.select(hidden, states.rows.benign, states.layers).states
@@ -177,8 +175,7 @@ class CRLMethod(Method):
             return None
         metrics["adversary_used"] = 1.0
         contrast, nb, rows = states.batches.contrast, states.num_benign, states.rows
-        harmful = Batch(contrast.input_ids[nb:], contrast.attention_mask[nb:], contrast.request_mask[nb:],
-                        contrast.response_mask[nb:], padded=contrast.padded)
+        harmful = contrast.rows(slice(nb, None))
         hidden = adversary.attacked_states(lambda: states.trained_pass(harmful), states.model)
         seq = contrast.input_ids.shape[1]
         shifted = RowIndex(rows.harmful.flat - nb * seq, rows.harmful.row_sample - nb, rows.harmful.count,

@@ -199,7 +199,10 @@ class AdversarialRefiner:
         return int(self.layers[self._rng(2, period).integers(len(self.layers))])
 
     def refresh_due(self, step: int) -> bool:
-        return step % self.config.refresh_every == 0 and step != self.last_refresh_step
+        return self._refresh_due(step, self.last_refresh_step)
+
+    def _refresh_due(self, step: int, last_refresh_step: int) -> bool:
+        return step % self.config.refresh_every == 0 and step != last_refresh_step
 
     # --- the attack --------------------------------------------------------------------------------
 
@@ -207,64 +210,25 @@ class AdversarialRefiner:
         """Attack `sample_ids` (harmful-pool indices) and return their states at `layers`."""
         t0 = time.perf_counter()
         cfg = self.config
-        # Everything the host needs to know about the batch is computed on the CPU batch, before it
-        # goes to the device (no synchronisation): the selected rows, the prompt positions, the targets.
-        host = collate([self.examples[i] for i in sample_ids], self.pad_token_id)
-        host_selection = self.select_tokens(host)
-        host_prompt = host.attention_mask.bool() & ~host.response_mask
-        has_prompt = bool(host_prompt.any())
-        pred_rows, pred_tokens = response_targets(host.input_ids, host.response_mask)
-        batch = self._to_device(host)
+        attacked = self._attack_batch(self.examples, sample_ids)
+        host_selection = self.select_tokens(attacked.host)
         selection = self._to_device(host_selection)
-        prompt = self._to_device(host_prompt)
         rows = RowIndex.from_mask(host_selection).to(self.device, non_blocking=True)
-        prompt_rows = RowIndex.from_mask(host_prompt).to(self.device, non_blocking=True)
-        targets = (pred_rows.to(self.device, non_blocking=True), self._to_device(pred_tokens))
+        batch, prompt_rows = attacked.batch, attacked.prompt_rows
         attn = batch.attention_mask
         layer = self.layer_at(step)
         per_sample = cfg.persistence == "per_sample"
-        pert, opt, attack_now = self._perturbation(layer, batch.input_ids.shape, prompt, step)
+        pert, opt, attack_now = self._perturbation(layer, batch.input_ids.shape, attacked.prompt, step)
         values: dict[str, Any] = {"attack_layer": float(layer), "attack_samples": float(len(sample_ids))}
-        was_training = model.training
-        try:
-            model.train(False)
-            with torch.no_grad(), self.amp():
-                clean = capture_hidden_states(model, batch.input_ids, attn, [layer], padded=batch.padded)[layer].float()
-            clean_norm = clean.norm(dim=-1)  # [B, T]
-            pert.project_(clean_norm)
-            if attack_now:
-                # The one read of an attack: Adam's learning rate, relative to the clean states' scale,
-                # is a host number for torch's Adam (a tensor lr needs capturable Adam, CUDA only).
-                rms = float(clean_norm.reshape(-1).index_select(0, prompt_rows.flat).mean()) / pert.hidden**0.5 \
-                    if has_prompt else 1.0
-                for group in opt.param_groups:
-                    group["lr"] = cfg.lr * cfg.eps * rms
-                pert.delta.requires_grad_(True)
-                losses = []  # read with the step's metrics, not here
-                adam_steps = 0
-                with pert.install(model):
-                    for i in range(cfg.step_budget):
-                        with self.amp():
-                            ce = response_cross_entropy(model, batch.input_ids, attn, batch.response_mask,
-                                                        targets=targets, padded=batch.padded).mean()
-                        losses.append(ce.detach())
-                        if i >= cfg.steps and float(ce) < cfg.stop_loss:
-                            break  # the adaptive attack succeeds with the current perturbation
-                        adam_steps = i + 1
-                        (grad,) = torch.autograd.grad(ce, [pert.delta])
-                        opt.zero_grad(set_to_none=True)
-                        pert.delta.grad = grad
-                        opt.step()
-                        pert.delta.grad = None
-                        pert.project_(clean_norm)
-                if not per_sample:
-                    self.last_refresh_step = step
-                values["attack_loss_start"] = losses[0]
-                values["attack_loss"] = losses[-1]
-                if cfg.max_steps is not None:
-                    values["attack_steps"] = float(adam_steps)
-        finally:
-            model.train(was_training)
+        losses, adam_steps = self._attack(model, pert, opt, attacked, layer, attack=attack_now,
+                                          budget=cfg.step_budget, min_steps=cfg.steps)
+        if attack_now:
+            if not per_sample:
+                self.last_refresh_step = step
+            values["attack_loss_start"] = losses[0]
+            values["attack_loss"] = losses[-1]
+            if cfg.max_steps is not None:
+                values["attack_steps"] = float(adam_steps)
         # The attacked states (grad to LoRA, not to the perturbation), and the clean frozen ones.
         pert.delta.requires_grad_(False)
         try:
@@ -275,7 +239,7 @@ class AdversarialRefiner:
         with torch.no_grad(), model.disable_adapter(), self.amp():
             frozen = capture_hidden_states(model, batch.input_ids, attn, layers, padded=batch.padded)
         rel = pert.relative_norm()
-        values["attack_rel_norm"] = rel.reshape(-1).index_select(0, prompt_rows.flat).max() if has_prompt else 0.0
+        values["attack_rel_norm"] = rel.reshape(-1).index_select(0, prompt_rows.flat).max() if attacked.has_prompt else 0.0
         values["seconds_refinement"] = time.perf_counter() - t0
         ids = torch.as_tensor(list(sample_ids), dtype=torch.int64)
         return Refined(trained, frozen, selection, ids, values, rows)
@@ -287,55 +251,19 @@ class AdversarialRefiner:
         the perturbation only). Under several processes every rank passes the same (global) ids, so the
         perturbation stays identical. Returns the attack's metrics ({} when no refresh is due)."""
         cfg = self.config
-        if not self.benign_perturbations or cfg.steps == 0 or not self.refresh_due_benign(step):
+        if not self.benign_perturbations or cfg.steps == 0 or not self._refresh_due(step, self.last_benign_refresh_step):
             return {}
         assert self.benign_examples is not None
-        host = collate([self.benign_examples[i] for i in sample_ids], self.pad_token_id)
-        host_prompt = host.attention_mask.bool() & ~host.response_mask
-        pred_rows, pred_tokens = response_targets(host.input_ids, host.response_mask)
-        batch = self._to_device(host)
-        prompt = self._to_device(host_prompt)
-        prompt_rows = RowIndex.from_mask(host_prompt).to(self.device, non_blocking=True)
-        targets = (pred_rows.to(self.device, non_blocking=True), self._to_device(pred_tokens))
+        attacked = self._attack_batch(self.benign_examples, sample_ids)
         layer = self.layer_at(step)
         pert, opt = self.benign_perturbations[layer], self.benign_optimizers[layer]
-        saved = pert.delta.detach().clone()
-        pert.resize_(batch.input_ids.shape[0], batch.input_ids.shape[1], mask=prompt, optimizer=opt)
-        with torch.no_grad():
-            pert.delta.copy_(saved)
-        losses = []
-        was_training = model.training
-        try:
-            model.train(False)
-            with torch.no_grad(), self.amp():
-                clean = capture_hidden_states(model, batch.input_ids, batch.attention_mask, [layer],
-                                              padded=batch.padded)[layer].float()
-            clean_norm = clean.norm(dim=-1)
-            pert.project_(clean_norm)
-            rms = float(clean_norm.reshape(-1).index_select(0, prompt_rows.flat).mean()) / pert.hidden**0.5
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * cfg.eps * rms
-            pert.delta.requires_grad_(True)
-            with pert.install(model):
-                for _ in range(cfg.steps):
-                    with self.amp():
-                        ce = response_cross_entropy(model, batch.input_ids, batch.attention_mask, batch.response_mask,
-                                                    targets=targets, padded=batch.padded).mean()
-                    losses.append(ce.detach())
-                    (grad,) = torch.autograd.grad(ce, [pert.delta])
-                    opt.zero_grad(set_to_none=True)
-                    pert.delta.grad = grad
-                    opt.step()
-                    pert.delta.grad = None
-                    pert.project_(clean_norm)
+        self._resize_universal(pert, opt, attacked.batch.input_ids.shape, attacked.prompt)
+        try:  # exactly `steps` Adam steps: min_steps = budget, so no early stop
+            losses, _ = self._attack(model, pert, opt, attacked, layer, attack=True, budget=cfg.steps, min_steps=cfg.steps)
         finally:
-            model.train(was_training)
             pert.delta.requires_grad_(False)
         self.last_benign_refresh_step = step
         return {"benign_attack_loss_start": losses[0], "benign_attack_loss": losses[-1]}
-
-    def refresh_due_benign(self, step: int) -> bool:
-        return step % self.config.refresh_every == 0 and step != self.last_benign_refresh_step
 
     @contextmanager
     def universal_installed(self, model: torch.nn.Module, batch: Batch, step: int) -> Iterator[None]:
@@ -357,6 +285,65 @@ class AdversarialRefiner:
         with pert.install(model):
             yield
 
+    def _attack_batch(self, examples: Sequence[Any], sample_ids: Sequence[int]) -> _AttackBatch:
+        """The samples collated, and everything the host needs to know about them computed on the CPU
+        batch, before it goes to the device (no synchronisation): the prompt positions, the targets."""
+        host = collate([examples[i] for i in sample_ids], self.pad_token_id)
+        host_prompt = host.attention_mask.bool() & ~host.response_mask
+        pred_rows, pred_tokens = response_targets(host.input_ids, host.response_mask)
+        return _AttackBatch(
+            host=host, batch=self._to_device(host), prompt=self._to_device(host_prompt),
+            prompt_rows=RowIndex.from_mask(host_prompt).to(self.device, non_blocking=True),
+            has_prompt=bool(host_prompt.any()),
+            targets=(pred_rows.to(self.device, non_blocking=True), self._to_device(pred_tokens)),
+        )
+
+    def _attack(self, model: torch.nn.Module, pert: ResidualPerturbation, opt: torch.optim.Optimizer,
+                attacked: _AttackBatch, layer: int, *, attack: bool, budget: int,
+                min_steps: int) -> tuple[list[torch.Tensor], int]:
+        """Project `pert` onto the bound of the batch's clean states at `layer` (defended model, eval
+        mode) and, when `attack`, take up to `budget` Adam steps lowering the response cross-entropy,
+        stopping once past `min_steps` when it is below `stop_loss`. Returns the losses seen (device
+        tensors, read with the step's metrics) and the Adam steps taken. Leaves the delta requiring
+        grad when it attacked."""
+        cfg = self.config
+        batch, attn = attacked.batch, attacked.batch.attention_mask
+        losses: list[torch.Tensor] = []
+        adam_steps = 0
+        was_training = model.training
+        try:
+            model.train(False)
+            with torch.no_grad(), self.amp():
+                clean = capture_hidden_states(model, batch.input_ids, attn, [layer], padded=batch.padded)[layer].float()
+            clean_norm = clean.norm(dim=-1)  # [B, T]
+            pert.project_(clean_norm)
+            if attack:
+                # The one read of an attack: Adam's learning rate, relative to the clean states' scale,
+                # is a host number for torch's Adam (a tensor lr needs capturable Adam, CUDA only).
+                rms = float(clean_norm.reshape(-1).index_select(0, attacked.prompt_rows.flat).mean()) / pert.hidden**0.5 \
+                    if attacked.has_prompt else 1.0
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * cfg.eps * rms
+                pert.delta.requires_grad_(True)
+                with pert.install(model):
+                    for i in range(budget):
+                        with self.amp():
+                            ce = response_cross_entropy(model, batch.input_ids, attn, batch.response_mask,
+                                                        targets=attacked.targets, padded=batch.padded).mean()
+                        losses.append(ce.detach())
+                        if i >= min_steps and float(ce) < cfg.stop_loss:
+                            break  # the adaptive attack succeeds with the current perturbation
+                        adam_steps = i + 1
+                        (grad,) = torch.autograd.grad(ce, [pert.delta])
+                        opt.zero_grad(set_to_none=True)
+                        pert.delta.grad = grad
+                        opt.step()
+                        pert.delta.grad = None
+                        pert.project_(clean_norm)
+        finally:
+            model.train(was_training)
+        return losses, adam_steps
+
     def _perturbation(self, layer: int, shape: Sequence[int], prompt: torch.Tensor, step: int):
         """(perturbation, its optimizer, whether to attack now) for a batch of `shape` [B, T]: a fresh
         per-token one (per_sample: attacked from zero, nothing persists), or the layer's universal
@@ -367,11 +354,17 @@ class AdversarialRefiner:
                                         shape="token", mask=prompt, device=self.device)
             return pert, pert.make_optimizer(lr=1e-3), cfg.step_budget > 0
         pert, opt = self.perturbations[layer], self.optimizers[layer]
+        self._resize_universal(pert, opt, shape, prompt)
+        return pert, opt, self.refresh_due(step) and cfg.step_budget > 0
+
+    @staticmethod
+    def _resize_universal(pert: ResidualPerturbation, opt: torch.optim.Optimizer, shape: Sequence[int],
+                          prompt: torch.Tensor) -> None:
+        """A universal perturbation fitted to a batch of `shape` [B, T] and its prompt mask, its delta kept."""
         saved = pert.delta.detach().clone()
         pert.resize_(shape[0], shape[1], mask=prompt, optimizer=opt)
         with torch.no_grad():
             pert.delta.copy_(saved)  # resize_ zeroes it; the universal delta persists
-        return pert, opt, self.refresh_due(step) and cfg.step_budget > 0
 
     def _to_device(self, x):
         """A host tensor or batch on the device without a blocking copy (pinned on a GPU)."""
@@ -382,44 +375,55 @@ class AdversarialRefiner:
     # --- checkpointing -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        state = {
-            "last_refresh_step": self.last_refresh_step,
-            "layers": {
-                l: {"delta": self.perturbations[l].delta.detach().clone(), "optimizer": self.optimizers[l].state_dict()}
-                for l in self.layers
-            },
-        }
+        state = {"last_refresh_step": self.last_refresh_step,
+                 "layers": _layer_states(self.perturbations, self.optimizers)}
         if self.benign_perturbations:
             state["last_benign_refresh_step"] = self.last_benign_refresh_step
-            state["benign_layers"] = {
-                l: {"delta": p.delta.detach().clone(), "optimizer": self.benign_optimizers[l].state_dict()}
-                for l, p in self.benign_perturbations.items()
-            }
+            state["benign_layers"] = _layer_states(self.benign_perturbations, self.benign_optimizers)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_refresh_step = int(state["last_refresh_step"])
-        for l, entry in state["layers"].items():
-            l = int(l)
-            if l not in self.perturbations:
-                raise ValueError(f"refinement state has layer {l}, not in the configured range {self.layers}")
-            pert = self.perturbations[l]
-            with torch.no_grad():
-                pert.delta.data = entry["delta"].to(self.device, torch.float32).clone()
-            opt = pert.make_optimizer(lr=1e-3)
-            opt.load_state_dict(entry["optimizer"])
-            self.optimizers[l] = opt
+        self._load_layers(state["layers"], self.perturbations, self.optimizers)
         if self.benign_perturbations:
             if "benign_layers" not in state:
                 raise ValueError('refinement state has no benign perturbation (benign_perturbation = "refusal")')
             self.last_benign_refresh_step = int(state["last_benign_refresh_step"])
-            for l, entry in state["benign_layers"].items():
-                pert = self.benign_perturbations[int(l)]
-                with torch.no_grad():
-                    pert.delta.data = entry["delta"].to(self.device, torch.float32).clone()
-                opt = pert.make_optimizer(lr=1e-3)
-                opt.load_state_dict(entry["optimizer"])
-                self.benign_optimizers[int(l)] = opt
+            self._load_layers(state["benign_layers"], self.benign_perturbations, self.benign_optimizers)
+
+    def _load_layers(self, entries: dict[Any, dict[str, Any]], perturbations: dict[int, ResidualPerturbation],
+                     optimizers: dict[int, torch.optim.Optimizer]) -> None:
+        for l, entry in entries.items():
+            l = int(l)
+            if l not in perturbations:
+                raise ValueError(f"refinement state has layer {l}, not in the configured range {self.layers}")
+            pert = perturbations[l]
+            with torch.no_grad():
+                pert.delta.data = entry["delta"].to(self.device, torch.float32).clone()
+            opt = pert.make_optimizer(lr=1e-3)
+            opt.load_state_dict(entry["optimizer"])
+            optimizers[l] = opt
+
+
+@dataclass
+class _AttackBatch:
+    """A collated batch to attack, on the device, with what was computed about it on the host."""
+
+    host: Batch
+    batch: Batch
+    prompt: torch.Tensor
+    """[B, T] bool on the device: the prompt tokens (what the perturbation touches)."""
+    prompt_rows: RowIndex
+    has_prompt: bool
+    targets: tuple[RowIndex, torch.Tensor]
+    """`response_targets` of the batch, on the device."""
+
+
+def _layer_states(perturbations: dict[int, ResidualPerturbation],
+                  optimizers: dict[int, torch.optim.Optimizer]) -> dict[int, dict[str, Any]]:
+    """{layer: {delta, optimizer state}} of persistent perturbations, for a checkpoint."""
+    return {l: {"delta": p.delta.detach().clone(), "optimizer": optimizers[l].state_dict()}
+            for l, p in perturbations.items()}
 
 
 def with_response_tokens(example: EncodedExample, response_ids: Sequence[int]) -> EncodedExample:
