@@ -73,6 +73,10 @@ def _worker(pools: str, out: str, max_steps: int, resume: bool, extra: list[str]
               **syncs}
     if trainer.miner is not None:
         report["bank_reused"] = trainer.miner.bank.reused
+    if trainer.refiner is not None:  # the universal perturbations, harmful and benign, identical on every rank
+        refiner = trainer.refiner
+        deltas = [p.delta.detach() for p in [*refiner.perturbations.values(), *refiner.benign_perturbations.values()]]
+        report["perturbations_equal"] = dist.parameters_equal(deltas)
     if dist.fsdp is not None:
         from torch.distributed.fsdp import FSDPModule
         from torch.distributed.tensor import DTensor
@@ -86,7 +90,7 @@ def _worker(pools: str, out: str, max_steps: int, resume: bool, extra: list[str]
     Path(out, f"rank{dist.rank}.json").write_text(json.dumps(report))
     from crl.training.trainer import shutdown_distributed
 
-    shutdown_distributed()
+    shutdown_distributed(synchronise=True)
 
 
 def _count_all_gathers() -> list[int]:
@@ -200,21 +204,26 @@ def test_two_processes_match_one_and_resume(tmp_path: Path, pools_dir: Path) -> 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("benign_perturbation", ["shared", "refusal"])
+@pytest.mark.parametrize("benign_perturbation", ["shared", "refusal", "triplet"])
 def test_two_processes_with_mining_and_refinement(tmp_path: Path, pools_dir: Path, benign_perturbation: str) -> None:
     """Mining (shared queue) and refinement (global hardest owners, with the benign-invariance term on
-    each rank's benign rows; its refusal perturbation attacked on the global benign batch) run under
-    2 processes and give the single-process losses."""
+    each rank's benign rows; its refusal perturbation attacked on the global benign batch, its triplet
+    one on each rank's share of the global objective, summed, with the bound and step size of the
+    global batch) run under 2 processes, keep the same perturbations on both ranks and give the
+    single-process losses and distances."""
     extra = ["mining.enabled=true", "mining.backend=\"native\"", f'mining.cache_dir="{tmp_path / "banks"}"',
              "refinement.enabled=true", "refinement.layers=[1,2]", "refinement.benign_invariance=0.5",
              f'refinement.benign_perturbation="{benign_perturbation}"']
     run_one_process(pools_dir, tmp_path / "one", extra)
-    run_two_processes(pools_dir, tmp_path / "two", extra=extra)
+    reports = run_two_processes(pools_dir, tmp_path / "two", extra=extra)
+    assert all(r["perturbations_equal"] for r in reports), reports
     keys = KEYS + ("loss_benign_mined", "loss_harmful_mined", "mined_sim_benign", "mined_sim_harmful", "attack_loss",
-                   "loss_benign_perturbed", "loss_benign_perturbed_mined", "benign_attack_loss")
-    one = metrics(tmp_path / "one")
+                   "benign_attack_loss", "benign_attack_gap_start", "benign_attack_gap")
+    perturbed = ("loss_benign_perturbed", "loss_benign_perturbed_mined", "benign_perturbed_d_pos",
+                 "benign_perturbed_d_neg", "benign_perturbed_d_neg_mined")
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert all("loss_benign_perturbed" in m for m in one)
-    assert_same_trajectory(one, metrics(tmp_path / "two"), keys)
+    assert_same_trajectory(one, two, keys + perturbed)
 
 
 @pytest.mark.slow

@@ -294,7 +294,8 @@ def _train_and_resume(tmp_path, pools_dir, persistence):
         assert torch.allclose(pert.delta, resumed.refiner.perturbations[layer].delta, atol=1e-6)
 
 
-@pytest.mark.parametrize("steps,perturbation", [(0, "shared"), (2, "shared"), (0, "refusal"), (2, "refusal")])
+@pytest.mark.parametrize("steps,perturbation", [(0, "shared"), (2, "shared"), (0, "refusal"), (2, "refusal"),
+                                                (0, "triplet"), (2, "triplet")])
 def test_benign_invariance_term_joins_the_loss(tmp_path, pools_dir, steps, perturbation):
     """With the perturbation at zero (no Adam steps) the perturbed benign term equals the clean one
     exactly; with an attack it differs; either way the loss is the sum of its logged terms."""
@@ -304,7 +305,9 @@ def test_benign_invariance_term_joins_the_loss(tmp_path, pools_dir, steps, pertu
         config = _config(pools_dir, tmp_path / "banks", **{
             "refinement.benign_invariance": 0.5, "refinement.probability": 1.0, "refinement.refresh_every": 1,
             "refinement.steps": steps, "refinement.eps": 0.5, "lora.dropout": 0.0, "optim.max_steps": 2,
-            "refinement.benign_perturbation": perturbation})
+            "refinement.benign_perturbation": perturbation,
+            # one micro-batch a step for "triplet": its first attack's gap is then the step's clean one
+            **({"optim.grad_accumulation": 1} if perturbation == "triplet" else {})})
         _run(config, tmp_path / "inv")
     finally:
         torch.set_num_threads(threads)
@@ -313,6 +316,16 @@ def test_benign_invariance_term_joins_the_loss(tmp_path, pools_dir, steps, pertu
     if perturbation == "refusal" and steps > 0:
         # the benign attack ran at every step and lowered the refusal's cross-entropy
         assert all(m["benign_attack_loss"] < m["benign_attack_loss_start"] for m in rows)
+    if perturbation == "triplet" and steps > 0:
+        # the benign attack ran at every step and raised the gap d(state, frozen) - d(state, centroid);
+        # at step 1 it started from a zero perturbation (no dropout), so its first gap is the clean
+        # benign rows' (from the logged mean distances), and the perturbed rows it handed to the
+        # loss have a larger gap than the clean ones
+        assert all(m["benign_attack_gap"] > m["benign_attack_gap_start"] for m in rows)
+        first = rows[0]
+        assert first["benign_attack_gap_start"] == pytest.approx(first["benign_d_pos"] - first["benign_d_neg"], abs=1e-4)
+        assert (first["benign_perturbed_d_pos"] - first["benign_perturbed_d_neg"]
+                > first["benign_d_pos"] - first["benign_d_neg"] + 1e-3)
     for m in rows:
         if steps == 0:
             assert m["loss_benign_perturbed"] == pytest.approx(m["loss_benign"], rel=1e-5, abs=1e-7)
@@ -323,8 +336,8 @@ def test_benign_invariance_term_joins_the_loss(tmp_path, pools_dir, steps, pertu
                     + m["coef_harmful"] * (m["loss_harmful"] + w * m["loss_harmful_mined"])
                     + m["coef_kl"] * m["loss_kl"])
         assert m["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
-    if steps > 0:
-        assert any(abs(m["loss_benign_perturbed"] - m["loss_benign"]) > 1e-6 for m in rows)
+    if steps > 0:  # the perturbation moved the benign states (their loss may be 0 either way: all inactive)
+        assert any(abs(m["benign_perturbed_d_neg"] - m["benign_d_neg"]) > 1e-6 for m in rows)
 
 
 def test_benign_invariance_needs_a_universal_perturbation():
@@ -368,21 +381,66 @@ def test_refusal_perturbation_raises_the_refusal_likelihood_inside_its_bound(tin
     assert torch.equal(other.benign_perturbations[2].delta, pert.delta) and other.last_benign_refresh_step == 0
 
 
-def test_refusal_benign_perturbation_trains_and_resumes_exactly(tmp_path, pools_dir):
+def test_triplet_perturbation_lowers_its_objective_inside_its_bound(tiny_model, tiny_tokenizer):
+    """`refine_benign_triplet` with a hand-written objective in the place of the negated triplet loss
+    (the negated distance of the prompt states at hidden state 3 from a fixed point, so the attack
+    pushes them away): Adam steps on the benign perturbation only, inside the bound, once per step,
+    checkpointed."""
+    base, tokenizer = tiny_model
+    model = apply_lora(base, r=4, alpha=8, dropout=0.0, layers=[0, 1, 2, 3])
+    benign = [encode_example(tokenizer, ex.with_response("Sure."), max_length=192) for ex in load_demo("benign", "train")[:3]]
+    batch = collate(benign, tokenizer.pad_token_id)
+    config = RefinementConfig(enabled=True, layers=[2, 2], eps=0.5, steps=8, lr=0.3, benign_invariance=1.0,
+                              benign_perturbation="triplet")
+    config.validate()
+    refiner = AdversarialRefiner(config, model, benign, tokenizer.pad_token_id,
+                                 lambda b: token_selection(b, "response", 16), seed=0)
+    target = torch.randn(base.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    prompt = batch.attention_mask.bool() & ~batch.response_mask.bool()
+
+    def distance() -> torch.Tensor:
+        from crl.models import capture_hidden_states
+
+        states = capture_hidden_states(model, batch.input_ids, batch.attention_mask, [3])[3]
+        return (states[prompt] - target).norm(dim=-1).mean()
+
+    with torch.no_grad():
+        clean = float(distance())
+    values = refiner.refine_benign_triplet(model, batch, 0, lambda: -distance())
+    # the metrics are the negated objective (the distance here) at the first and the last Adam step
+    assert float(values["benign_attack_gap_start"]) == pytest.approx(clean, rel=1e-5)
+    assert float(values["benign_attack_gap"]) > clean
+    pert = refiner.benign_perturbations[2]
+    with torch.no_grad(), pert.install(model):
+        attacked = float(distance())
+    assert attacked > float(values["benign_attack_gap"]) > clean, (clean, attacked)
+    assert float(pert.relative_norm().max()) <= 0.5 * (1 + 1e-4)
+    assert all(p.grad is None for p in model.parameters())
+    assert float(refiner.perturbations[2].delta.detach().abs().max()) == 0.0  # the harmful one untouched
+    assert refiner.refine_benign_triplet(model, batch, 0, lambda: -distance()) == {}  # one refresh per step
+    other = AdversarialRefiner(config, model, benign, tokenizer.pad_token_id,
+                               lambda b: token_selection(b, "response", 16), seed=0)
+    other.load_state_dict(refiner.state_dict())
+    assert torch.equal(other.benign_perturbations[2].delta, pert.delta) and other.last_benign_refresh_step == 0
+
+
+@pytest.mark.parametrize("perturbation,attack_key", [("refusal", "benign_attack_loss"),
+                                                     ("triplet", "benign_attack_gap")])
+def test_benign_perturbation_trains_and_resumes_exactly(tmp_path, pools_dir, perturbation, attack_key):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         config = _config(pools_dir, tmp_path / "banks", **{"refinement.benign_invariance": 1.0,
-                                                          "refinement.benign_perturbation": "refusal"})
+                                                          "refinement.benign_perturbation": perturbation})
         straight = _run(config, tmp_path / "straight")
         _run(config, tmp_path / "split", max_steps=2)
         resumed = _run(config, tmp_path / "split", resume=True)
     finally:
         torch.set_num_threads(threads)
     a, b = _metrics(tmp_path / "straight"), _metrics(tmp_path / "split")
-    assert any("benign_attack_loss" in m for m in a)
+    assert any(attack_key in m for m in a)
     for x, y in zip(a, b):
-        for key in ("loss", "loss_benign_perturbed", "benign_attack_loss", "grad_norm"):
+        for key in ("loss", "loss_benign_perturbed", attack_key, "grad_norm"):
             assert (key in x) == (key in y), (x["step"], key)
             if key in x:
                 assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (x["step"], key)

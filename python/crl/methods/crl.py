@@ -13,8 +13,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
@@ -125,10 +126,22 @@ class CRLMethod(Method):
             loss = loss + alpha * loss_b
             invariance = self._benign_invariance_weight(mined)
             if invariance > 0:
-                perturbed_s = frame.apply(self._perturbed_benign_states(states, metrics))
+                fb_b, centroid_b = take_layers(fb_s, benign_idx), take_layers(centroid, benign_idx)
+
+                def benign_gap(hidden: torch.Tensor) -> torch.Tensor:
+                    """Mean over the benign rows [L, R_b, d] (as captured; this rank's share) of the benign
+                    triplet's term without its hinge and margin, d(state, its frozen state) - d(state,
+                    harmful centroid): what `benign_perturbation = "triplet"` raises. Without the hinge
+                    the attack has a gradient also where every benign triplet is inactive."""
+                    anchors = take_layers(frame.apply(hidden), benign_idx)
+                    out = self._triplet("benign", anchors, fb_b.detach(), centroid_b.detach(), margin=GAP_MARGIN)
+                    gap = dataclasses.replace(out, loss=out.loss - GAP_MARGIN)
+                    return self.context.share(gap, anchors.shape[1], benign_total).loss
+
+                perturbed_s = frame.apply(self._perturbed_benign_states(states, metrics, benign_gap))
                 loss_p = self._pool_loss(
-                    "benign", take_layers(perturbed_s, benign_idx), take_layers(fb_s, benign_idx),
-                    take_layers(centroid, benign_idx), self._negatives(mined, "benign", frame.select(benign_idx)),
+                    "benign", take_layers(perturbed_s, benign_idx), fb_b, centroid_b,
+                    self._negatives(mined, "benign", frame.select(benign_idx)),
                     perturbed_s.shape[1], benign_total, metrics, label="benign_perturbed",
                 )
                 loss = loss + alpha * invariance * loss_p
@@ -148,21 +161,31 @@ class CRLMethod(Method):
             return 0.0
         return float(refiner.config.benign_invariance)
 
-    def _perturbed_benign_states(self, states: StepStates, metrics: dict[str, Any]) -> torch.Tensor:
+    def _perturbed_benign_states(self, states: StepStates, metrics: dict[str, Any],
+                                 benign_gap: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The benign rows' trained states [L, R_b, d] with the refiner's universal perturbation on
         their prompt tokens (grad to LoRA). The benign samples are the contrast batch's first rows, so
-        the benign row indices select the same tokens in the benign sub-batch."""
+        the benign row indices select the same tokens in the benign sub-batch. `benign_gap`: what the
+        `triplet` benign perturbation raises, of such states."""
         contrast, nb, batches = states.batches.contrast, states.num_benign, states.batches
-        refiner = self.mining.refiner
-        if refiner.benign_perturbations:  # benign_perturbation = "refusal": refresh it on this batch first
-            ids = (batches.benign_ids if batches.benign_ids is not None else torch.arange(nb)).tolist()
-            if self.context.dist is not None:  # the global batch's ids: every rank runs the same attack
-                ids = [i for part in self.context.dist.all_gather_object(ids) for i in part]
-            metrics.update(refiner.refine_benign(states.model, ids, batches.step))
+        refiner, dist = self.mining.refiner, self.context.dist
         benign = contrast.rows(slice(0, nb))
+
+        def select(hidden: dict[int, torch.Tensor]) -> torch.Tensor:
+            return self.context.select(hidden, states.rows.benign, states.layers).states
+
+        kind = refiner.config.benign_perturbation
+        if kind == "refusal":  # refresh the benign perturbation on this batch first
+            ids = (batches.benign_ids if batches.benign_ids is not None else torch.arange(nb)).tolist()
+            if dist is not None:  # the global batch's ids: every rank runs the same attack
+                ids = [i for part in dist.all_gather_object(ids) for i in part]
+            metrics.update(refiner.refine_benign(states.model, ids, batches.step))
+        elif kind == "triplet":  # attacked on this rank's benign samples, summed over ranks
+            metrics.update(refiner.refine_benign_triplet(
+                states.model, benign, batches.step, lambda: -benign_gap(select(states.trained_pass(benign))), dist))
         with refiner.universal_installed(states.model, benign, batches.step):
             hidden = states.trained_pass(benign)
-        return self.context.select(hidden, states.rows.benign, states.layers).states
+        return select(hidden)
 
     def _adversary_states(self, states: StepStates, metrics: dict[str, Any]) -> torch.Tensor | None:
         """The harmful rows' trained states [L, R_h, d] through the attacked model when the adversary's
@@ -229,12 +252,14 @@ class CRLMethod(Method):
         return loss
 
     def _triplet(self, pool: str, anchors: torch.Tensor, frozen: torch.Tensor, centroid: torch.Tensor,
-                 negatives: torch.Tensor | None = None, negative_index: torch.Tensor | None = None) -> TripletOutput:
+                 negatives: torch.Tensor | None = None, negative_index: torch.Tensor | None = None,
+                 margin: float | None = None) -> TripletOutput:
         cfg = self.config
         if pool == "benign":
             return crl_benign_triplet(
                 anchors, frozen, centroid, positive_distance=cfg.benign_positive_distance,
-                negative_distance=cfg.benign_negative_distance, margin=cfg.benign_margin, mix_weight=cfg.mix_weight,
+                negative_distance=cfg.benign_negative_distance,
+                margin=cfg.benign_margin if margin is None else margin, mix_weight=cfg.mix_weight,
                 extra_negatives=negatives, extra_negative_index=negative_index,
             )
         return crl_harmful_triplet(
@@ -243,5 +268,10 @@ class CRLMethod(Method):
             extra_negatives=negatives, extra_negative_index=negative_index,
         )
 
+
+#: A margin past any distance gap of the loss's frame: with it every triplet is active, so the
+#: triplet loss minus it is the mean gap d(anchor, positive) - d(anchor, negative), with the loss's
+#: own distances (the benign `triplet` perturbation's objective).
+GAP_MARGIN = 100.0
 
 __all__ = ["CRLConfig", "CRLMethod"]

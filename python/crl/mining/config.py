@@ -146,11 +146,15 @@ class RefinementConfig:
     term). A benign state moved by the attack's direction must stay benign, so the direction itself
     cannot become what the defence keys on. Runs on micro-batches that are attacked; universal
     persistence only (a per-sample perturbation belongs to its sample). 0: off."""
-    benign_perturbation: Literal["shared", "refusal"] = "shared"
+    benign_perturbation: Literal["shared", "refusal", "triplet"] = "shared"
     """The perturbation of the benign-invariance term: `shared`, the harmful attack's own universal
     perturbation; `refusal`, a universal perturbation of its own (same layer, bound, lr, steps and
     refresh schedule) trained to make the defended model answer the benign samples with
-    `refusal_text`: the benign states pushed hardest toward refusal, the mirror of the harmful attack."""
+    `refusal_text`: the benign states pushed hardest toward refusal, the mirror of the harmful attack;
+    `triplet`, one of its own (the same settings) trained on the micro-batch's benign samples to raise
+    the benign triplet's gap without its hinge, d(state, its frozen state) - d(state, harmful
+    centroid): the benign states pushed toward the harmful centroid and away from their frozen states
+    in the loss's own frame, the benign anchors hardest for the loss itself."""
     refusal_text: str = "I'm sorry, but I can't help with that."
     """The target of the `refusal` benign perturbation."""
 
@@ -178,8 +182,8 @@ class RefinementConfig:
         require(self.benign_invariance == 0 or (self.persistence == "universal" and self.kind != "module"),
                 "benign_invariance", '0 unless persistence = "universal" and kind is "residual" or "embedding"',
                 self.benign_invariance)
-        require(self.benign_perturbation in ("shared", "refusal"), "benign_perturbation", '"shared" or "refusal"',
-                self.benign_perturbation)
+        require(self.benign_perturbation in ("shared", "refusal", "triplet"), "benign_perturbation",
+                '"shared", "refusal" or "triplet"', self.benign_perturbation)
         require(bool(self.refusal_text.strip()), "refusal_text", "a non-empty string", self.refusal_text)
         if self.module_layers is not None:
             require(len(self.module_layers) == 2 and 0 <= self.module_layers[0] < self.module_layers[1], "module_layers",

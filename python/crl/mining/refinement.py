@@ -34,7 +34,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ from crl.data.encoding import EncodedExample
 from crl.losses.objectives import RowIndex
 from crl.models import capture_hidden_states, hidden_size, num_hidden_layers, unwrap_model
 from crl.mining.config import RefinementConfig
+
+if TYPE_CHECKING:
+    from crl.training.distributed import DistributedContext
 
 
 @dataclass
@@ -171,8 +174,8 @@ class AdversarialRefiner:
         self.last_refresh_step = -1
         self.benign_perturbations: dict[int, ResidualPerturbation] = {}
         self.benign_optimizers: dict[int, torch.optim.Optimizer] = {}
-        if config.benign_invariance > 0 and config.benign_perturbation == "refusal":
-            if benign_examples is None:
+        if config.benign_invariance > 0 and config.benign_perturbation in ("refusal", "triplet"):
+            if config.benign_perturbation == "refusal" and benign_examples is None:
                 raise ValueError('refinement.benign_perturbation = "refusal" needs the benign samples (benign_examples)')
             self.benign_perturbations = {
                 l: ResidualPerturbation(l, 1, 1, d, eps=config.eps, norm=config.norm, shape="universal", device=self.device)
@@ -265,12 +268,44 @@ class AdversarialRefiner:
         self.last_benign_refresh_step = step
         return {"benign_attack_loss_start": losses[0], "benign_attack_loss": losses[-1]}
 
+    def refine_benign_triplet(self, model: torch.nn.Module, benign: Batch, step: int,
+                              objective: Callable[[], torch.Tensor],
+                              dist: DistributedContext | None = None) -> dict[str, Any]:
+        """`benign_perturbation = "triplet"`: when a refresh is due, `steps` Adam steps on the benign
+        universal perturbation of this step's layer (on the prompt tokens of `benign`, the micro-batch's
+        benign samples, within the bound of their clean states) lowering `objective()`, which the loss
+        computes with the perturbation installed: the negated benign gap (crl.methods.crl), so that the
+        perturbation moves the benign states toward the harmful centroid and away from their frozen
+        states in the loss's own frame. Under several processes (`dist`) each rank attacks its own benign
+        samples: the objective (each rank's share of the global mean) and its gradient are summed over
+        ranks, and the bound and the step size come from every rank's clean states, so every rank
+        takes the same steps and keeps the same perturbation.
+        Returns the attack's metrics: the gap (the negated objective) at the first and the last Adam
+        step ({} when no refresh is due)."""
+        cfg = self.config
+        if not self.benign_perturbations or cfg.steps == 0 or not self._refresh_due(step, self.last_benign_refresh_step):
+            return {}
+        prompt = benign.attention_mask.bool() & ~benign.response_mask.bool()
+        attacked = _AttackBatch(host=benign, batch=benign, prompt=prompt, prompt_rows=RowIndex.from_mask(prompt),
+                                has_prompt=True, targets=None)
+        layer = self.layer_at(step)
+        pert, opt = self.benign_perturbations[layer], self.benign_optimizers[layer]
+        self._resize_universal(pert, opt, benign.input_ids.shape, prompt)
+        try:  # exactly `steps` Adam steps, as refine_benign
+            losses, _ = self._attack(model, pert, opt, attacked, layer, attack=True, budget=cfg.steps,
+                                     min_steps=cfg.steps, objective=objective, dist=dist)
+        finally:
+            pert.delta.requires_grad_(False)
+        self.last_benign_refresh_step = step
+        return {"benign_attack_gap_start": -losses[0], "benign_attack_gap": -losses[-1]}
+
     @contextmanager
     def universal_installed(self, model: torch.nn.Module, batch: Batch, step: int) -> Iterator[None]:
         """While inside, `model` gets a copy of this step's universal perturbation (as last projected,
         onto the attacked batch's bound) on the prompt tokens of `batch`, without gradient: the pass
         of `benign_invariance`. The harmful attack's perturbation (`benign_perturbation = "shared"`,
-        call after `refine` at the same step) or the benign one (`"refusal"`, after `refine_benign`)."""
+        call after `refine` at the same step) or the benign one (`"refusal"`, after `refine_benign`;
+        `"triplet"`, after `refine_benign_triplet`)."""
         if self.config.persistence != "universal":
             raise ValueError("refinement.benign_invariance: needs persistence = 'universal'")
         layer = self.layer_at(step)
@@ -299,10 +334,13 @@ class AdversarialRefiner:
         )
 
     def _attack(self, model: torch.nn.Module, pert: ResidualPerturbation, opt: torch.optim.Optimizer,
-                attacked: _AttackBatch, layer: int, *, attack: bool, budget: int,
-                min_steps: int) -> tuple[list[torch.Tensor], int]:
+                attacked: _AttackBatch, layer: int, *, attack: bool, budget: int, min_steps: int,
+                objective: Callable[[], torch.Tensor] | None = None,
+                dist: DistributedContext | None = None) -> tuple[list[torch.Tensor], int]:
         """Project `pert` onto the bound of the batch's clean states at `layer` (defended model, eval
-        mode) and, when `attack`, take up to `budget` Adam steps lowering the response cross-entropy,
+        mode) and, when `attack`, take up to `budget` Adam steps lowering the response cross-entropy
+        (or `objective()`, computed with the perturbation installed; with `dist`, a rank's share, summed
+        over processes with its gradient, the bound and the step size taken over every rank's batch),
         stopping once past `min_steps` when it is below `stop_loss`. Returns the losses seen (device
         tensors, read with the step's metrics) and the Adam steps taken. Leaves the delta requiring
         grad when it attacked."""
@@ -316,25 +354,38 @@ class AdversarialRefiner:
             with torch.no_grad(), self.amp():
                 clean = capture_hidden_states(model, batch.input_ids, attn, [layer], padded=batch.padded)[layer].float()
             clean_norm = clean.norm(dim=-1)  # [B, T]
+            prompt_norms = clean_norm.reshape(-1).index_select(0, attacked.prompt_rows.flat)
+            if dist is not None:  # the universal bound (smallest prompt norm) over every rank's batch
+                low = prompt_norms.min() if attacked.has_prompt else clean_norm.new_tensor(float("inf"))
+                clean_norm = torch.full_like(clean_norm, float(dist.min_(low.reshape(1))))
             pert.project_(clean_norm)
             if attack:
                 # The one read of an attack: Adam's learning rate, relative to the clean states' scale,
                 # is a host number for torch's Adam (a tensor lr needs capturable Adam, CUDA only).
-                rms = float(clean_norm.reshape(-1).index_select(0, attacked.prompt_rows.flat).mean()) / pert.hidden**0.5 \
-                    if attacked.has_prompt else 1.0
+                if dist is not None:
+                    total = dist.sum_(torch.stack([prompt_norms.sum(), prompt_norms.new_tensor(float(prompt_norms.numel()))]))
+                    rms = float(total[0] / total[1].clamp_min(1.0)) / pert.hidden**0.5
+                else:
+                    rms = float(prompt_norms.mean()) / pert.hidden**0.5 if attacked.has_prompt else 1.0
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * cfg.eps * rms
                 pert.delta.requires_grad_(True)
                 with pert.install(model):
                     for i in range(budget):
-                        with self.amp():
-                            ce = response_cross_entropy(model, batch.input_ids, attn, batch.response_mask,
-                                                        targets=attacked.targets, padded=batch.padded).mean()
-                        losses.append(ce.detach())
-                        if i >= min_steps and float(ce) < cfg.stop_loss:
+                        if objective is None:
+                            with self.amp():
+                                ce = response_cross_entropy(model, batch.input_ids, attn, batch.response_mask,
+                                                            targets=attacked.targets, padded=batch.padded).mean()
+                        else:
+                            ce = objective()
+                        value = ce.detach() if dist is None else dist.sum_(ce.detach().clone())
+                        losses.append(value)
+                        if i >= min_steps and float(value) < cfg.stop_loss:
                             break  # the adaptive attack succeeds with the current perturbation
                         adam_steps = i + 1
                         (grad,) = torch.autograd.grad(ce, [pert.delta])
+                        if dist is not None:
+                            grad = dist.sum_(grad)
                         opt.zero_grad(set_to_none=True)
                         pert.delta.grad = grad
                         opt.step()
@@ -387,7 +438,7 @@ class AdversarialRefiner:
         self._load_layers(state["layers"], self.perturbations, self.optimizers)
         if self.benign_perturbations:
             if "benign_layers" not in state:
-                raise ValueError('refinement state has no benign perturbation (benign_perturbation = "refusal")')
+                raise ValueError('refinement state has no benign perturbation (benign_perturbation = "refusal" or "triplet")')
             self.last_benign_refresh_step = int(state["last_benign_refresh_step"])
             self._load_layers(state["benign_layers"], self.benign_perturbations, self.benign_optimizers)
 
@@ -415,8 +466,8 @@ class _AttackBatch:
     """[B, T] bool on the device: the prompt tokens (what the perturbation touches)."""
     prompt_rows: RowIndex
     has_prompt: bool
-    targets: tuple[RowIndex, torch.Tensor]
-    """`response_targets` of the batch, on the device."""
+    targets: tuple[RowIndex, torch.Tensor] | None
+    """`response_targets` of the batch, on the device (None: the attack has its own objective)."""
 
 
 def _layer_states(perturbations: dict[int, ResidualPerturbation],

@@ -189,6 +189,11 @@ class DistributedContext:
         _dist().all_reduce(tensor)
         return tensor
 
+    def min_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In-place minimum over ranks (no autograd)."""
+        _dist().all_reduce(tensor, op=_dist().ReduceOp.MIN)
+        return tensor
+
     def all_gather_object(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.world_size
         _dist().all_gather_object(out, obj)

@@ -25,7 +25,7 @@ Value = Union[torch.Tensor, float, int, None]
 
 # Metric keys of the crl method that are additive partials under several processes (global value =
 # sum over ranks of each rank's share; see crl.training.distributed).
-ADDITIVE_PREFIXES = ("loss", "active_", "benign_d_", "harmful_d_")
+ADDITIVE_PREFIXES = ("loss", "active_", "benign_d_", "harmful_d_", "benign_perturbed_d_")
 
 
 def _stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -738,13 +738,18 @@ class Trainer:
         write_model_card(self.output_dir, self.config)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(*, synchronise: bool = False) -> None:
     """Tear down the process group once a multi-process run is over: left to interpreter exit, gloo's
-    threads can abort the process ("terminate called without an active exception")."""
+    threads can abort the process ("terminate called without an active exception"). After a run that
+    ended well, `synchronise` first waits for every rank, so that no rank closes its connections while
+    another still talks over them (the same abort, seen now and then without the barrier); after a
+    failure there is no barrier, since the other ranks may be gone."""
     import torch.distributed as torch_dist
 
     if torch_dist.is_available() and torch_dist.is_initialized():
-        torch_dist.destroy_process_group()  # no barrier: after a failure the other ranks may be gone
+        if synchronise:
+            torch_dist.barrier()
+        torch_dist.destroy_process_group()
 
 
 #: Config keys that may change between a run and its resumption: they do not touch the training state.
@@ -794,6 +799,9 @@ def config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
 
 def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, max_steps: int | None = None) -> TrainResult:
     try:
-        return Trainer(config, output_dir, resume=resume).train(max_steps=max_steps)
-    finally:
+        result = Trainer(config, output_dir, resume=resume).train(max_steps=max_steps)
+    except BaseException:
         shutdown_distributed()
+        raise
+    shutdown_distributed(synchronise=True)
+    return result
