@@ -214,6 +214,7 @@ class AdversarialRefiner:
         t0 = time.perf_counter()
         cfg = self.config
         attacked = self._attack_batch(self.examples, sample_ids)
+        assert attacked.host is not None  # collated on the host by _attack_batch
         host_selection = self.select_tokens(attacked.host)
         selection = self._to_device(host_selection)
         rows = RowIndex.from_mask(host_selection).to(self.device, non_blocking=True)
@@ -253,19 +254,10 @@ class AdversarialRefiner:
         the prompts of benign-pool samples `sample_ids` under the defended model (eval mode; gradient to
         the perturbation only). Under several processes every rank passes the same (global) ids, so the
         perturbation stays identical. Returns the attack's metrics ({} when no refresh is due)."""
-        cfg = self.config
-        if not self.benign_perturbations or cfg.steps == 0 or not self._refresh_due(step, self.last_benign_refresh_step):
+        if not self._benign_refresh_due(step):
             return {}
         assert self.benign_examples is not None
-        attacked = self._attack_batch(self.benign_examples, sample_ids)
-        layer = self.layer_at(step)
-        pert, opt = self.benign_perturbations[layer], self.benign_optimizers[layer]
-        self._resize_universal(pert, opt, attacked.batch.input_ids.shape, attacked.prompt)
-        try:  # exactly `steps` Adam steps: min_steps = budget, so no early stop
-            losses, _ = self._attack(model, pert, opt, attacked, layer, attack=True, budget=cfg.steps, min_steps=cfg.steps)
-        finally:
-            pert.delta.requires_grad_(False)
-        self.last_benign_refresh_step = step
+        losses = self._attack_benign(model, self._attack_batch(self.benign_examples, sample_ids), step)
         return {"benign_attack_loss_start": losses[0], "benign_attack_loss": losses[-1]}
 
     def refine_benign_triplet(self, model: torch.nn.Module, benign: Batch, step: int,
@@ -282,22 +274,35 @@ class AdversarialRefiner:
         takes the same steps and keeps the same perturbation.
         Returns the attack's metrics: the gap (the negated objective) at the first and the last Adam
         step ({} when no refresh is due)."""
-        cfg = self.config
-        if not self.benign_perturbations or cfg.steps == 0 or not self._refresh_due(step, self.last_benign_refresh_step):
+        if not self._benign_refresh_due(step):
             return {}
         prompt = benign.attention_mask.bool() & ~benign.response_mask.bool()
-        attacked = _AttackBatch(host=benign, batch=benign, prompt=prompt, prompt_rows=RowIndex.from_mask(prompt),
+        # Already on the device: no host copy, and every benign sample has a prompt (its chat turn).
+        attacked = _AttackBatch(host=None, batch=benign, prompt=prompt, prompt_rows=RowIndex.from_mask(prompt),
                                 has_prompt=True, targets=None)
+        losses = self._attack_benign(model, attacked, step, objective=objective, dist=dist)
+        return {"benign_attack_gap_start": -losses[0], "benign_attack_gap": -losses[-1]}
+
+    def _benign_refresh_due(self, step: int) -> bool:
+        return bool(self.benign_perturbations) and self.config.steps > 0 and \
+            self._refresh_due(step, self.last_benign_refresh_step)
+
+    def _attack_benign(self, model: torch.nn.Module, attacked: _AttackBatch, step: int,
+                       objective: Callable[[], torch.Tensor] | None = None,
+                       dist: DistributedContext | None = None) -> list[torch.Tensor]:
+        """Exactly `steps` Adam steps (no early stop) on the benign universal perturbation of this
+        step's layer, fitted to `attacked`; the refresh recorded. Returns the losses seen."""
+        steps = self.config.steps
         layer = self.layer_at(step)
         pert, opt = self.benign_perturbations[layer], self.benign_optimizers[layer]
-        self._resize_universal(pert, opt, benign.input_ids.shape, prompt)
-        try:  # exactly `steps` Adam steps, as refine_benign
-            losses, _ = self._attack(model, pert, opt, attacked, layer, attack=True, budget=cfg.steps,
-                                     min_steps=cfg.steps, objective=objective, dist=dist)
+        self._resize_universal(pert, opt, attacked.batch.input_ids.shape, attacked.prompt)
+        try:
+            losses, _ = self._attack(model, pert, opt, attacked, layer, attack=True, budget=steps, min_steps=steps,
+                                     objective=objective, dist=dist)
         finally:
             pert.delta.requires_grad_(False)
         self.last_benign_refresh_step = step
-        return {"benign_attack_gap_start": -losses[0], "benign_attack_gap": -losses[-1]}
+        return losses
 
     @contextmanager
     def universal_installed(self, model: torch.nn.Module, batch: Batch, step: int) -> Iterator[None]:
@@ -460,7 +465,8 @@ class AdversarialRefiner:
 class _AttackBatch:
     """A collated batch to attack, on the device, with what was computed about it on the host."""
 
-    host: Batch
+    host: Batch | None
+    """The batch as collated on the host (None: it came from the device, and nothing is read on the host)."""
     batch: Batch
     prompt: torch.Tensor
     """[B, T] bool on the device: the prompt tokens (what the perturbation touches)."""
