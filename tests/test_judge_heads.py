@@ -156,13 +156,13 @@ def test_refusal_head_reads_unseen_wordings():
     assert all(j.verdict == "compliance" for j in old[: len(UNSEEN_REFUSALS)])
 
 
-def _fake_table(n_per_source: int = 12):
-    """A table of synthetic rows for every source, with features that separate the labels."""
+def _fake_table(n_per_source: int = 12, extra: tuple[str, ...] = ()):
+    """A table of synthetic rows for every source (and `extra` ones), with features that separate the labels."""
     from crl.evaluation import judge_training as T
 
     rows, ev, feats, content = [], [], [], []
     g = torch.Generator().manual_seed(0)
-    for s in T.SOURCES:
+    for s in T.SOURCES + extra:
         for k in range(n_per_source):
             label = ("compliance", "refusal", "incoherent" if s.startswith("judge_labels") else "partial")[k % 3]
             model = "base" if s.startswith("judge_labels") and k % 4 == 0 else "m"
@@ -174,7 +174,7 @@ def _fake_table(n_per_source: int = 12):
             content.append([math.log(5.0)] + [1.0 if label == "compliance" else 0.0] * (len(CONTENT_FEATURES) - 1)
                            if s.startswith("judge_labels") else None)
     gate = torch.ones(len(rows), dtype=torch.bool)
-    return T.Table(rows, ev, torch.stack(feats), gate, content)
+    return T.Table(rows, ev, torch.stack(feats), gate, content, T.SOURCES + extra)
 
 
 def test_loso_output_shape():
@@ -192,6 +192,40 @@ def test_loso_output_shape():
     md = T.format_loso_markdown(res).splitlines()
     assert sum(line.startswith("| xstest_") or line.startswith("| judge_labels_") for line in md) == 5
     assert md[-1].startswith("| defended rows, pooled")
+
+
+def test_extra_sources_join_loso_and_training():
+    """--extra-source: a further labelled file is one more fold of leave-one-source-out and one more
+    training source of both heads (the content head's validation included)."""
+    from crl.evaluation import judge_training as T
+
+    table = _fake_table(extra=("judge_labels_more",))
+    res = T.leave_one_source_out(table)
+    assert list(res["sources"]) == [*T.SOURCES, "judge_labels_more"]
+    assert res["sources"]["judge_labels_more"]["n"] == 12 and res["defended_pooled"]["heads"]["n"] == 4 * 9
+    refusal, content = T.train_heads(table)
+    assert refusal.meta["sources"].split(",")[-1] == "judge_labels_more"
+    assert content.meta["sources"].split(",") == [s for s in table.sources if s.startswith("judge_labels")]
+
+
+def test_extra_source_errors(tmp_path, capsys):
+    from crl.evaluation import judge_training as T
+    from crl.evaluation.judge_agreement import add_arguments, run
+
+    with pytest.raises(ValueError, match="already one of the five sources"):
+        T.load_sources(tmp_path, REPO / "data" / "judge_labels", [REPO / "data" / "judge_labels" / "smollm2_defended_dev.jsonl"])
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    with pytest.raises(ValueError, match="'judge_labels_more' is taken"):
+        T.load_sources(tmp_path, tmp_path, [tmp_path / "a" / "more.jsonl", tmp_path / "b" / "more.jsonl"])
+    with pytest.raises(ValueError, match="'judge_labels_dev' is taken"):
+        T.load_sources(tmp_path, tmp_path, [tmp_path / "a" / "dev.jsonl"])
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert run(p.parse_args(["--loso", "--extra-source", str(tmp_path / "absent.jsonl"), "--data-dir", str(tmp_path),
+                             "--labels-dir", str(tmp_path)])) == 2
+    assert "absent.jsonl" in capsys.readouterr().err
+    assert run(p.parse_args(["--skip-xstest", "--extra-source", str(tmp_path / "a.jsonl")])) == 2
+    assert "--extra-source is a source for --loso" in capsys.readouterr().err
 
 
 def test_loso_and_train_flags_need_the_data(tmp_path, capsys):

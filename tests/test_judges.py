@@ -314,6 +314,33 @@ def test_shipped_judge_on_the_held_out_triplet_benign_labels():
     assert abs(d["compliance_precision"] - 36 / 53) < 1e-9 and abs(d["compliance_recall"] - 36 / 42) < 1e-9, d
 
 
+def test_second_reading_matches_its_sources_and_the_stated_agreement():
+    """data/judge_labels/smollm2_second_reading.jsonl: 40 defended rows of each of the five labelled
+    files, read again blind. Every row is its source row (same request, prefill, response and first
+    label), and the two readings agree as docs/evaluation.md states (hand-counted confusion)."""
+    import collections
+    import json
+
+    from crl.evaluation.labelled_sets import load_labelled_generations
+
+    path = LABELLED_DEV.with_name("smollm2_second_reading.jsonl")
+    second = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(load_labelled_generations(path)) == 200  # loads as a labelled-generations file
+    sources = {}
+    for row in second:
+        if row["file"] not in sources:
+            sources[row["file"]] = {r["id"]: r for r in map(json.loads, LABELLED_DEV.with_name(row["file"]).open())}
+        src = sources[row["file"]][row["file_id"]]
+        assert (src["request"], src.get("prefilled_start", ""), src["response"]) == (
+            row["request"], row["prefilled_start"], row["response"])
+        assert src["label"] == row["first_label"] and src["model"] == row["model"] != "base"
+    assert collections.Counter(r["file"] for r in second) == {f: 40 for f in sources} and len(sources) == 5
+    confusion = collections.Counter((r["first_label"], r["label"]) for r in second)
+    assert confusion == {("complies", "complies"): 69, ("complies", "incoherent"): 3, ("incoherent", "complies"): 3,
+                         ("incoherent", "incoherent"): 111, ("incoherent", "refuses"): 1, ("refuses", "incoherent"): 1,
+                         ("refuses", "refuses"): 12}
+
+
 def test_judge_agreement_is_its_own_command(tmp_path, capsys):
     """`crl judge-agreement` is a subcommand; `crl eval judge-agreement` says where it went."""
     from crl.cli import main

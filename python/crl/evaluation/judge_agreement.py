@@ -18,7 +18,8 @@ of these real, coherent completions: this is how `JudgeConfig.max_perplexity` wa
 
 ``--loso`` measures the judge's learned heads leave-one-source-out over XSTest's two sets and
 data/judge_labels' three files, and ``--train-heads DIR`` retrains them
-(crl.evaluation.judge_training).
+(crl.evaluation.judge_training); ``--extra-source FILE`` adds a further labelled file as a source of
+both.
 """
 
 from __future__ import annotations
@@ -222,8 +223,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="leave-one-source-out validation of the judge's learned heads over XSTest's two labelled "
                              "sets and data/judge_labels' three files (crl.evaluation.judge_training)")
     parser.add_argument("--train-heads", type=Path, default=None, metavar="DIR",
-                        help="retrain the learned heads on all five sources and write refusal_head.safetensors and "
+                        help="retrain the learned heads on all five sources (and any --extra-source) and write refusal_head.safetensors and "
                              "content_head.safetensors into DIR (the shipped ones: crl/evaluation/judges/weights)")
+    parser.add_argument("--extra-source", type=Path, action="append", default=[], metavar="FILE",
+                        help="a further JSONL file of labelled generations as one more source for --loso and "
+                             "--train-heads (e.g. data/judge_labels/smollm2_refinement.jsonl); may be repeated")
     parser.add_argument("--labels-dir", type=Path, default=None,
                         help="folder of data/judge_labels' JSONL files for --loso and --train-heads "
                              "(default: data/judge_labels of the repository)")
@@ -238,10 +242,15 @@ def run_heads(args: argparse.Namespace) -> int:
     labels_dir = Path(args.labels_dir) if args.labels_dir else default_labels_dir()
     missing = [str(data_dir / f) for f in XSTEST_SETS.values() if not (data_dir / f).is_file()]
     missing += [str(labels_dir / f) for f in JUDGE_LABEL_SETS.values() if not (labels_dir / f).is_file()]
+    missing += [str(f) for f in args.extra_source if not Path(f).is_file()]
     if missing:
         print(f"judge-agreement: missing labelled data: {', '.join(missing)}", file=sys.stderr)
         return 2
-    table = T.table_from_dirs(data_dir, labels_dir)
+    try:
+        table = T.table_from_dirs(data_dir, labels_dir, extra=args.extra_source)
+    except ValueError as exc:
+        print(f"judge-agreement: {exc}", file=sys.stderr)
+        return 2
     result: dict[str, Any] = {}
     if args.loso:
         result["loso"] = T.leave_one_source_out(table)
@@ -264,6 +273,10 @@ def run_heads(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "loso", False) or getattr(args, "train_heads", None):
         return run_heads(args)
+    if getattr(args, "extra_source", None):
+        print("judge-agreement: --extra-source is a source for --loso or --train-heads; use --labelled to measure "
+              "the judge on a file", file=sys.stderr)
+        return 2
     for path in args.labelled:
         if not path.is_file():
             print(f"judge-agreement: --labelled {path}: no such file", file=sys.stderr)

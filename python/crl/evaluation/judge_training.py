@@ -18,7 +18,11 @@ by `crl.evaluation.judges.combined.decide`, exactly as the judge does at run tim
     precision of "compliance" on the defended rows of the held-out judge_labels sources while
     keeping its recall at `TARGET_RECALL` or more (the most recall when no choice reaches it).
 - `leave_one_source_out`: for each source, both heads trained (with that selection, nested) on the
-  other four, and the whole judge measured on the one left out.
+  others, and the whole judge measured on the one left out.
+
+Further labelled-generations files (`load_sources(extra=...)`, ``--extra-source FILE``) join as more
+sources of the judge_labels kind, named ``judge_labels_<file stem>``: for measuring what more labelled
+data would change (the shipped heads are trained on `SOURCES`).
 
 CLI: ``crl judge-agreement --loso`` and ``crl judge-agreement --train-heads DIR``.
 """
@@ -68,7 +72,23 @@ class Row:
         return self.source.startswith("judge_labels") and self.model != "base"
 
 
-def load_sources(xstest_dir: Path, labels_dir: Path) -> list[Row]:
+def extra_source_name(path: Path) -> str:
+    return f"judge_labels_{Path(path).stem}"
+
+
+def load_sources(xstest_dir: Path, labels_dir: Path, extra: Sequence[Path] = ()) -> list[Row]:
+    """The rows of `SOURCES`, then those of each `extra` labelled-generations file (source
+    `extra_source_name`). An extra file that is one of the five, or is given twice, is a ValueError."""
+    shipped = {(Path(labels_dir) / f).resolve() for f in JUDGE_LABEL_SETS.values()}
+    names = set(SOURCES)
+    for path in extra:
+        if Path(path).resolve() in shipped:
+            raise ValueError(f"--extra-source {path}: already one of the five sources (data/judge_labels' "
+                             f"{', '.join(JUDGE_LABEL_SETS.values())}); expected another labelled file")
+        if extra_source_name(path) in names:
+            raise ValueError(f"--extra-source {path}: its source name {extra_source_name(path)!r} is taken (the file "
+                             "given twice, or another of the same name); expected distinct file names")
+        names.add(extra_source_name(path))
     rows = []
     for name, file in XSTEST_SETS.items():
         rows += [Row(f"xstest_{name}", r["prompt"], r["completion"], r["human"], name, math.nan)
@@ -76,6 +96,9 @@ def load_sources(xstest_dir: Path, labels_dir: Path) -> list[Row]:
     for name, file in JUDGE_LABEL_SETS.items():
         rows += [Row(f"judge_labels_{name}", r["prompt"], r["completion"], r["human"], r["model"], r["base_perplexity"])
                  for r in load_labelled_generations(Path(labels_dir) / file)]
+    for path in extra:
+        rows += [Row(extra_source_name(path), r["prompt"], r["completion"], r["human"], r["model"], r["base_perplexity"])
+                 for r in load_labelled_generations(Path(path))]
     return rows
 
 
@@ -89,6 +112,7 @@ class Table:
     refusal_x: torch.Tensor
     refusal_gate: torch.Tensor  # bool [n]: the opening has a negation
     content_x: list[list[float] | None]
+    sources: tuple[str, ...] = SOURCES  # in order: `SOURCES`, then any extra files'
 
     def refusal_probs(self, head: LinearHead, idx: Sequence[int]) -> list[float]:
         """The refusal head's gated scores of rows `idx` (as `RefusalHead.scores`)."""
@@ -112,7 +136,8 @@ def build_table(rows: Sequence[Row], semantic: Any) -> Table:
         e.semantic = s
     content = [content_features(r.prompt, r.response, r.perplexity) for r in rows]
     gate = torch.tensor([refusal_gate(r) for r in responses], dtype=torch.bool)
-    return Table(list(rows), ev, refusal_features(semantic.embedder, responses), gate, content)
+    sources = tuple(dict.fromkeys(r.source for r in rows))
+    return Table(list(rows), ev, refusal_features(semantic.embedder, responses), gate, content, sources)
 
 
 # --- the refusal head ----------------------------------------------------------------------------
@@ -290,8 +315,8 @@ def leave_one_source_out(table: Table, log: Callable[[str], None] = lambda s: No
     """Per source: the judge with heads trained on the other sources, and the rule-only judge."""
     result: dict[str, Any] = {"sources": {}}
     pooled: dict[str, list[tuple[str, str]]] = {"rules": [], "heads": []}
-    for held in SOURCES:
-        others = [s for s in SOURCES if s != held]
+    for held in table.sources:
+        others = [s for s in table.sources if s != held]
         refusal, content = train_refusal_head(table, others), train_content_head(table, others)
         idx = table.index([held])
         new, old = verdicts(table, idx, refusal, content), verdicts(table, idx, None, None)
@@ -314,11 +339,11 @@ def leave_one_source_out(table: Table, log: Callable[[str], None] = lambda s: No
 
 
 def train_heads(table: Table) -> tuple[LinearHead, LinearHead]:
-    return train_refusal_head(table, SOURCES), train_content_head(table, SOURCES)
+    return train_refusal_head(table, table.sources), train_content_head(table, table.sources)
 
 
 def format_loso_markdown(result: dict[str, Any]) -> str:
-    lines = ["Leave-one-source-out: the heads trained on the other four sources (their hyperparameters chosen "
+    lines = ["Leave-one-source-out: the heads trained on the other sources (their hyperparameters chosen "
              "by validation within those), the judge measured on the source left out. `rules`: the judge "
              "without heads. Binary agreement: compliance against anything else.", "",
              "| source left out | n | binary, rules | binary, with heads | defended n | defended precision / recall, rules "
@@ -334,19 +359,21 @@ def format_loso_markdown(result: dict[str, Any]) -> str:
                      f"{fmt(d_old)} | **{fmt(d_new)}** | {r['l2']:g}, {r['threshold']:g} | "
                      f"{c['l2']:g}, {c['threshold']:g}, {'yes' if c['overrules_soft'] else 'no'} |")
     p = result["defended_pooled"]
-    lines.append(f"| defended rows, pooled | | | | {p['heads']['n']} | {p['rules']['compliance_precision']:.2f} / "
-                 f"{p['rules']['compliance_recall']:.2f} | **{p['heads']['compliance_precision']:.2f} / "
-                 f"{p['heads']['compliance_recall']:.2f}** | | |")
+    # three decimals: the targets are 0.7 and 0.9, and 0.897 must not print as 0.90
+    lines.append(f"| defended rows, pooled | | | | {p['heads']['n']} | {p['rules']['compliance_precision']:.3f} / "
+                 f"{p['rules']['compliance_recall']:.3f} | **{p['heads']['compliance_precision']:.3f} / "
+                 f"{p['heads']['compliance_recall']:.3f}** | | |")
     return "\n".join(lines)
 
 
-def table_from_dirs(xstest_dir: Path, labels_dir: Path, log: Callable[[str], None] = print) -> Table:
+def table_from_dirs(xstest_dir: Path, labels_dir: Path, log: Callable[[str], None] = print,
+                    extra: Sequence[Path] = ()) -> Table:
     from crl.evaluation.judges.semantic import SemanticJudge
 
     t0 = time.perf_counter()
-    rows = load_sources(xstest_dir, labels_dir)
+    rows = load_sources(xstest_dir, labels_dir, extra)
     table = build_table(rows, SemanticJudge())
-    log(f"{len(rows)} labelled rows from {len(SOURCES)} sources, features in {time.perf_counter() - t0:.0f} s")
+    log(f"{len(rows)} labelled rows from {len(table.sources)} sources, features in {time.perf_counter() - t0:.0f} s")
     return table
 
 
@@ -358,7 +385,7 @@ def save_heads(refusal: LinearHead, content: LinearHead, out_dir: Path) -> list[
 
 
 __all__ = [
-    "SOURCES", "Row", "Table", "build_table", "fit_content", "fit_refusal", "format_loso_markdown", "leave_one_source_out",
+    "SOURCES", "Row", "Table", "build_table", "extra_source_name", "fit_content", "fit_refusal", "format_loso_markdown", "leave_one_source_out",
     "load_sources", "save_heads", "select_content", "select_refusal", "table_from_dirs", "train_content_head",
     "train_heads", "train_refusal_head", "verdicts",
 ]
