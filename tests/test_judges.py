@@ -314,6 +314,24 @@ def test_shipped_judge_on_the_held_out_triplet_benign_labels():
     assert abs(d["compliance_precision"] - 36 / 53) < 1e-9 and abs(d["compliance_recall"] - 36 / 42) < 1e-9, d
 
 
+@pytest.mark.slow
+def test_shipped_judge_on_written_refusals_of_other_model_styles():
+    """data/judge_labels/synthetic_model_styles.jsonl (responses written in four model styles, types
+    fixed in advance): the shipped judge's agreement as docs/evaluation.md states it, every full
+    refusal a refusal, and its 3 errors partial refusals read as answers."""
+    import json
+
+    from crl.evaluation.judge_agreement import measure_generations
+
+    path = LABELLED_DEV.with_name("synthetic_model_styles.jsonl")
+    written = {json.loads(line)["response"][:300]: json.loads(line) for line in path.open(encoding="utf-8")}
+    res = measure_generations(path, "combined")
+    a = res["all"]
+    assert a["n"] == 96 and a["labelled_compliance"] == 36 and a["judged_compliance"] == 39, a
+    assert abs(a["binary_accuracy"] - 93 / 96) < 1e-9
+    assert [written[e["response"]]["written_as"] for e in res["errors"]] == ["partial_refusal"] * 3
+
+
 def test_second_reading_matches_its_sources_and_the_stated_agreement():
     """data/judge_labels/smollm2_second_reading.jsonl: 40 defended rows of each of the five labelled
     files, read again blind. Every row is its source row (same request, prefill, response and first
