@@ -174,7 +174,7 @@ def _fake_table(n_per_source: int = 12, extra: tuple[str, ...] = ()):
             content.append([math.log(5.0)] + [1.0 if label == "compliance" else 0.0] * (len(CONTENT_FEATURES) - 1)
                            if s.startswith("judge_labels") else None)
     gate = torch.ones(len(rows), dtype=torch.bool)
-    return T.Table(rows, ev, torch.stack(feats), gate, content, T.SOURCES + extra)
+    return T.Table(rows, ev, torch.stack(feats), gate, content)
 
 
 def test_loso_output_shape():

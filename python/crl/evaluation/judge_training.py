@@ -79,26 +79,24 @@ def extra_source_name(path: Path) -> str:
 def load_sources(xstest_dir: Path, labels_dir: Path, extra: Sequence[Path] = ()) -> list[Row]:
     """The rows of `SOURCES`, then those of each `extra` labelled-generations file (source
     `extra_source_name`). An extra file that is one of the five, or is given twice, is a ValueError."""
-    shipped = {(Path(labels_dir) / f).resolve() for f in JUDGE_LABEL_SETS.values()}
-    names = set(SOURCES)
+    generations = {f"judge_labels_{name}": Path(labels_dir) / file for name, file in JUDGE_LABEL_SETS.items()}
+    shipped = {path.resolve() for path in generations.values()}
     for path in extra:
+        name = extra_source_name(path)
         if Path(path).resolve() in shipped:
             raise ValueError(f"--extra-source {path}: already one of the five sources (data/judge_labels' "
                              f"{', '.join(JUDGE_LABEL_SETS.values())}); expected another labelled file")
-        if extra_source_name(path) in names:
-            raise ValueError(f"--extra-source {path}: its source name {extra_source_name(path)!r} is taken (the file "
-                             "given twice, or another of the same name); expected distinct file names")
-        names.add(extra_source_name(path))
+        if name in generations or name in SOURCES:
+            raise ValueError(f"--extra-source {path}: its source name {name!r} is taken (the file given twice, or "
+                             "another of the same name); expected distinct file names")
+        generations[name] = Path(path)
     rows = []
     for name, file in XSTEST_SETS.items():
         rows += [Row(f"xstest_{name}", r["prompt"], r["completion"], r["human"], name, math.nan)
                  for r in load_labelled(Path(xstest_dir) / file)]
-    for name, file in JUDGE_LABEL_SETS.items():
-        rows += [Row(f"judge_labels_{name}", r["prompt"], r["completion"], r["human"], r["model"], r["base_perplexity"])
-                 for r in load_labelled_generations(Path(labels_dir) / file)]
-    for path in extra:
-        rows += [Row(extra_source_name(path), r["prompt"], r["completion"], r["human"], r["model"], r["base_perplexity"])
-                 for r in load_labelled_generations(Path(path))]
+    for source, path in generations.items():
+        rows += [Row(source, r["prompt"], r["completion"], r["human"], r["model"], r["base_perplexity"])
+                 for r in load_labelled_generations(path)]
     return rows
 
 
@@ -112,7 +110,11 @@ class Table:
     refusal_x: torch.Tensor
     refusal_gate: torch.Tensor  # bool [n]: the opening has a negation
     content_x: list[list[float] | None]
-    sources: tuple[str, ...] = SOURCES  # in order: `SOURCES`, then any extra files'
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The rows' sources in order of first appearance (`load_sources`: `SOURCES`, then any extra files')."""
+        return tuple(dict.fromkeys(r.source for r in self.rows))
 
     def refusal_probs(self, head: LinearHead, idx: Sequence[int]) -> list[float]:
         """The refusal head's gated scores of rows `idx` (as `RefusalHead.scores`)."""
@@ -136,8 +138,7 @@ def build_table(rows: Sequence[Row], semantic: Any) -> Table:
         e.semantic = s
     content = [content_features(r.prompt, r.response, r.perplexity) for r in rows]
     gate = torch.tensor([refusal_gate(r) for r in responses], dtype=torch.bool)
-    sources = tuple(dict.fromkeys(r.source for r in rows))
-    return Table(list(rows), ev, refusal_features(semantic.embedder, responses), gate, content, sources)
+    return Table(list(rows), ev, refusal_features(semantic.embedder, responses), gate, content)
 
 
 # --- the refusal head ----------------------------------------------------------------------------
@@ -315,8 +316,9 @@ def leave_one_source_out(table: Table, log: Callable[[str], None] = lambda s: No
     """Per source: the judge with heads trained on the other sources, and the rule-only judge."""
     result: dict[str, Any] = {"sources": {}}
     pooled: dict[str, list[tuple[str, str]]] = {"rules": [], "heads": []}
-    for held in table.sources:
-        others = [s for s in table.sources if s != held]
+    sources = table.sources
+    for held in sources:
+        others = [s for s in sources if s != held]
         refusal, content = train_refusal_head(table, others), train_content_head(table, others)
         idx = table.index([held])
         new, old = verdicts(table, idx, refusal, content), verdicts(table, idx, None, None)
